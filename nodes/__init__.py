@@ -1,0 +1,16 @@
+"""The ComfyUI layer: V3 nodes that wire residual_core into ModelPatcher patches."""
+
+from comfy_api.latest import ComfyExtension, io
+from typing_extensions import override
+
+from .files import LoadResidual, SaveResidual
+from .lag import LagMaskPreview, LagSampler
+from .train import TrainPersonalizedResidual
+
+NODES = [TrainPersonalizedResidual, SaveResidual, LoadResidual, LagSampler, LagMaskPreview]
+
+
+class PersonalizedResidualsExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES

@@ -1,0 +1,73 @@
+"""Pictures people would rather look at than read: the loss curve and the LAG mask preview."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+
+def _to_image(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0)[None]
+
+
+def loss_curve(losses: list[float], title: str, size: tuple[int, int] = (640, 360)) -> torch.Tensor:
+    """The per-step loss (grey) and its moving average (blue), as a ComfyUI IMAGE [1, H, W, 3]."""
+    w, h = size
+    left, right, top, bottom = 64, 16, 30, 36
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    values = np.asarray(losses, dtype=np.float64)
+    window = max(1, len(values) // 15)
+    smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+    lo, hi = float(values.min()), float(values.max())
+    hi = hi if hi > lo else lo + 1e-6
+
+    def xy(i, v):
+        x = left + (w - left - right) * (i / max(1, len(values) - 1))
+        return x, top + (h - top - bottom) * (1 - (v - lo) / (hi - lo))
+
+    draw.rectangle([left, top, w - right, h - bottom], outline="#888")
+    draw.line([xy(i, v) for i, v in enumerate(values)], fill="#bbb", width=1)
+    if len(smooth) > 1:
+        draw.line([xy(i + window - 1, v) for i, v in enumerate(smooth)], fill="#1f6fd0", width=2)
+    draw.text((left, 8), f"{title}: loss per step (blue: mean of {window})", fill="black", font=font)
+    draw.text((4, top - 6), f"{hi:.4f}", fill="black", font=font)
+    draw.text((4, h - bottom - 6), f"{lo:.4f}", fill="black", font=font)
+    draw.text((left, h - bottom + 8), "0", fill="black", font=font)
+    draw.text((w - right - 60, h - bottom + 8), f"step {len(values)}", fill="black", font=font)
+    draw.text((w // 2 - 60, h - bottom + 8), f"last {float(smooth[-1]):.4f}", fill="#1f6fd0", font=font)
+    return _to_image(img)
+
+
+def _grid_shape(tokens: int, height: int, width: int) -> tuple[int, int]:
+    """Spatial shape of a block's token grid: the latent halved (rounding up) until it has `tokens` cells."""
+    h, w = height, width
+    while h * w > tokens:
+        h, w = -(-h // 2), -(-w // 2)
+    if h * w != tokens:
+        raise ValueError(f"can't lay {tokens} tokens on a grid for a {height}x{width} latent")
+    return h, w
+
+
+def mask_preview(masks: dict[tuple, torch.Tensor], latent_hw: tuple[int, int], scale: int = 8,
+                 images: torch.Tensor | None = None) -> torch.Tensor:
+    """Average the per-block masks [B, tokens] at pixel size. With images [B, H, W, 3], tint them red where
+    the residual applied; without, a black-to-yellow heat map. Returns [B, H, W, 3]."""
+    h, w = latent_hw
+    size = (h * scale, w * scale) if images is None else tuple(images.shape[1:3])
+    layers = []
+    for m in masks.values():
+        gh, gw = _grid_shape(m.shape[1], h, w)
+        grid = m.float().cpu().view(-1, 1, gh, gw)
+        layers.append(F.interpolate(grid, size=size, mode="bilinear", align_corners=False))
+    heat = torch.stack(layers).mean(0)[:, 0, :, :, None].clamp(0, 1)  # [B, H, W, 1]
+    if images is None:
+        return torch.cat([heat, heat, heat * 0.2], dim=-1)
+    base = images[..., :3].float().cpu()
+    if base.shape[0] != heat.shape[0]:
+        base = base[:1].expand(heat.shape[0], -1, -1, -1)
+    red = torch.tensor([1.0, 0.15, 0.1])
+    return base * (1 - 0.6 * heat) + red * 0.6 * heat

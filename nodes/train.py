@@ -1,0 +1,149 @@
+"""Train Personalized Residual: concept photos in, a RESIDUAL and its loss curve out."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import comfy.model_management
+import comfy.samplers
+import comfy.utils
+import torch
+from comfy_api.latest import io
+
+from ..residual_core import INITS, ResidualError, ResidualMeta, ResidualSet, TrainConfig, train_residual
+from ..residual_core.images import square_batch
+from .comfy_model import base_hash, prediction_of, targets_of
+from .pictures import loss_curve
+from .residual_type import CATEGORY, Residual
+
+
+class _PositiveOnlyGuider(comfy.samplers.CFGGuider):
+    def set_conds(self, positive):
+        self.inner_set_conds({"positive": positive})
+
+
+class _TrainingRun(comfy.samplers.Sampler):
+    """A 'sampler' that trains. Running it through a guider lets ComfyUI do what it does for sampling
+    (load the model to its device, prepare the conditioning, SDXL's size embedding included) before
+    handing over the model; the loop itself is residual_core.train_residual."""
+
+    def __init__(self, residual, config, targets, flipped_latents, on_step):
+        self.residual, self.config, self.targets = residual, config, targets
+        self.flipped, self.on_step = flipped_latents, on_step
+        self.losses = None
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        base = model_wrap.inner_model
+        prediction = prediction_of(base)
+        model_options = extra_args["model_options"]
+        conds = model_wrap.conds["positive"]
+        schedule = base.model_sampling.sigmas.to(latent_image.device, torch.float32)
+
+        def denoiser(x_t, t):  # DDPM x_t and integer t -> the raw eps / v output, via ComfyUI's own model call
+            s = schedule[t].view(-1, 1, 1, 1)
+            x = x_t * (s * s + 1).sqrt()
+            denoised = comfy.samplers.calc_cond_batch(base, [conds], x, schedule[t], model_options)[0]
+            if prediction == "eps":
+                return (x - denoised) / s
+            return (x / (s * s + 1) - denoised) * (s * s + 1).sqrt() / s
+
+        flipped = None if self.flipped is None else base.process_latent_in(self.flipped.to(latent_image.device))
+        self.losses = train_residual(
+            self.residual, base.diffusion_model, denoiser, latent_image, 1 / (1 + schedule**2), prediction,
+            self.config, flipped, self.on_step, targets=self.targets,
+        )
+        return latent_image
+
+
+class TrainPersonalizedResidual(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PersonalizedResidualTrain",
+            display_name="Train Personalized Residual",
+            category=CATEGORY,
+            description=(
+                "Teach the model a new concept from a few photos by training low-rank residuals on the output "
+                "projection of every transformer block (Ham et al., CVPR 2024). The model itself is not changed."
+            ),
+            is_input_list=True,  # photos of different sizes may arrive as a list (e.g. from a folder loader)
+            inputs=[
+                io.Model.Input("model", tooltip="The checkpoint's MODEL (SD1.x, SD2.x or SDXL). It stays unchanged."),
+                io.Clip.Input("clip", tooltip="The checkpoint's CLIP, to encode the training prompt once."),
+                io.Vae.Input("vae", tooltip="The checkpoint's VAE, to encode the photos once."),
+                io.Image.Input("images", tooltip="Photos of the concept (4-6 is typical): a batch, or a list of "
+                               "photos of different sizes. Each is resized and centre-cropped to the resolution."),
+                io.String.Input("class_word", default="dog", tooltip="The concept's class, as you would write it in "
+                                "a prompt: 'dog', 'backpack', 'guitar amplifier'. LAG later masks by this word."),
+                io.String.Input("identifier", default="sks", tooltip="A rare word that names this particular concept "
+                                "in prompts. Training uses the prompt 'a photo of a {identifier} {class_word}'."),
+                io.Int.Input("steps", default=150, min=1, max=10000, tooltip="Optimiser steps (paper: 150)."),
+                io.Float.Input("learning_rate", default=1e-3, min=1e-6, max=1.0, step=1e-4, round=1e-6,
+                               tooltip="AdamW learning rate, constant (paper: 1e-3)."),
+                io.Int.Input("batch_size", default=4, min=1, max=64, tooltip="Photos per step (paper: 4); photos "
+                             "are cycled so each is seen equally often."),
+                io.Float.Input("rank_fraction", default=0.05, min=0.005, max=1.0, step=0.005, tooltip="Residual rank "
+                               "as a fraction of each layer's width (paper: 0.05, i.e. ranks 16/32/64 on SD1.5)."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed for the residual init and every "
+                             "random draw of training: same seed and inputs, same residual."),
+                io.Int.Input("resolution", default=512, min=64, max=4096, step=64, tooltip="Training resolution in "
+                             "pixels: the model's native one (512 for SD1.x, 768 for SD2.x-v, 1024 for SDXL)."),
+                io.Boolean.Input("flip", default=False, tooltip="Also train on horizontally flipped photos. Leave "
+                                 "off for asymmetric concepts (text, logos)."),
+                io.Combo.Input("init", options=list(INITS), default="zero", tooltip="zero: the untrained residual "
+                               "changes nothing (LoRA-style). random: both factors random, as in the paper."),
+            ],
+            outputs=[
+                Residual.Output("residual", display_name="residual",
+                                tooltip="The trained residual: connect to LAG Sampler or Save Residual."),
+                io.Image.Output("loss_curve", display_name="loss_curve",
+                                tooltip="Training loss per step (and its moving average) as a picture."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, images, class_word, identifier, steps, learning_rate, batch_size,
+                rank_fraction, seed, resolution, flip, init) -> io.NodeOutput:
+        (model, clip, vae, class_word, identifier, steps, learning_rate, batch_size, rank_fraction, seed,
+         resolution, flip, init) = (v[0] for v in (model, clip, vae, class_word, identifier, steps, learning_rate,
+                                                    batch_size, rank_fraction, seed, resolution, flip, init))
+        class_word, identifier = class_word.strip(), identifier.strip()
+        if not class_word or not identifier:
+            raise ResidualError("class_word and identifier must not be empty: use e.g. 'dog' and 'sks'.")
+        config = TrainConfig(steps=steps, batch_size=batch_size, lr=learning_rate, seed=seed, flip=flip)
+        config.check()
+        meta = ResidualMeta(class_word=class_word, identifier=identifier, steps=steps, lr=learning_rate,
+                            seed=seed, batch_size=batch_size)
+        targets = targets_of(model)
+        pixels = square_batch(images, resolution)
+
+        # Fixed for the whole run, so encoded once: the photos (and their mirror images) and the prompt.
+        latents = vae.encode(pixels)
+        flipped = vae.encode(pixels.flip(2)) if flip else None
+        prompt = f"a photo of a {identifier} {class_word}"
+        positive = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+
+        pbar = comfy.utils.ProgressBar(steps)
+
+        def on_step(step, losses):
+            pbar.update(1)
+            comfy.model_management.throw_exception_if_processing_interrupted()
+
+        started = time.perf_counter()
+        with torch.inference_mode(False):
+            meta.base_hash = base_hash(model, targets)
+            residual = ResidualSet.for_targets(targets, rank_fraction, init, seed, meta)
+            run = _TrainingRun(residual, config, targets, flipped, on_step)
+            guider = _PositiveOnlyGuider(model)
+            guider.set_conds(positive)
+            guider.sample(torch.zeros_like(latents), latents, run, torch.ones(1), disable_pbar=True, seed=seed)
+        residual.cpu()
+        losses = run.losses
+        logging.info(
+            "Personalized residual '%s %s': %d steps on %d photos in %.1f s, %d parameters, loss %.4f -> %.4f",
+            identifier, class_word, steps, len(pixels), time.perf_counter() - started, residual.num_parameters(),
+            float(losses[0]), float(losses[-min(10, len(losses)):].mean()),
+        )
+        return io.NodeOutput(residual, loss_curve(losses.tolist(), f"{identifier} {class_word}"))

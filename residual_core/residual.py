@@ -1,0 +1,165 @@
+"""The residuals themselves: a low-rank dW = up @ down per target layer, kept apart from the host model."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ResidualError
+from .targets import Target, model_family
+
+INITS = ("zero", "random")
+
+
+def rank_for(dim: int, rank_fraction: float) -> int:
+    return max(1, round(rank_fraction * dim))
+
+
+class LowRankResidual(nn.Module):
+    """dW = (alpha / rank) * up @ down for one proj_out; a 1x1 kernel when the layer is a Conv2d."""
+
+    def __init__(self, out_dim: int, in_dim: int, rank: int, conv: bool, alpha: float | None = None):
+        super().__init__()
+        self.conv = conv
+        self.down = nn.Parameter(torch.zeros(rank, in_dim))
+        self.up = nn.Parameter(torch.zeros(out_dim, rank))
+        self.alpha = float(rank if alpha is None else alpha)
+        self._cast: tuple | None = None  # (device, dtype, down, scaled up) for sampling
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def reset(self, init: str, generator: torch.Generator | None = None) -> None:
+        """'zero': LoRA-style, up = 0 so the untrained residual changes nothing.
+        'random': both factors random, as in the paper (which gives no scale; LoRA's kaiming bound is used)."""
+        if init not in INITS:
+            raise ResidualError(f"init must be one of {INITS}, got {init!r}.")
+        with torch.no_grad():
+            for p in (self.down, self.up) if init == "random" else (self.down,):
+                bound = 1.0 / math.sqrt(p.shape[1])  # kaiming_uniform(a=sqrt(5)) on a [out, in] matrix
+                p.copy_(torch.rand(p.shape, generator=generator) * 2 * bound - bound)
+            if init == "zero":
+                self.up.zero_()
+        self._cast = None
+
+    def _factors(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if torch.is_grad_enabled() and self.up.requires_grad:  # training: a differentiable cast every call
+            return self.down.to(like), self.up.to(like) * self.scale
+        if self._cast is None or self._cast[:2] != (like.device, like.dtype):
+            down = self.down.detach().to(like)
+            up = (self.up.detach().float() * self.scale).to(like)
+            self._cast = (like.device, like.dtype, down, up)
+        return self._cast[2], self._cast[3]
+
+    def forget_cast(self) -> None:
+        self._cast = None
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """dW x for the layer's input: [B, C, H, W] for a conv proj_out, [B, N, C] for a linear one."""
+        down, up = self._factors(x)
+        if self.conv:
+            return F.conv2d(F.conv2d(x, down[:, :, None, None]), up[:, :, None, None])
+        return F.linear(F.linear(x, down), up)
+
+    def weight_delta(self) -> torch.Tensor:
+        """dW as a dense matrix (for checks, not for sampling)."""
+        return (self.up.detach().float() @ self.down.detach().float()) * self.scale
+
+
+@dataclass
+class ResidualMeta:
+    """What a residual file records about the concept and how it was made."""
+
+    class_word: str = ""
+    identifier: str = ""
+    rank_fraction: float = 0.05
+    base_family: str = ""
+    base_hash: str = ""
+    steps: int = 0
+    lr: float = 0.0
+    seed: int = 0
+    batch_size: int = 0
+    init: str = "zero"
+
+    def as_strings(self) -> dict[str, str]:
+        return {k: str(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_strings(cls, data: dict[str, str]) -> ResidualMeta:
+        out = cls()
+        for f in fields(cls):
+            if f.name in data:
+                try:
+                    setattr(out, f.name, type(getattr(out, f.name))(data[f.name]))
+                except ValueError as e:
+                    raise ResidualError(f"metadata field {f.name!r} has a bad value {data[f.name]!r}: {e}") from None
+        return out
+
+
+class ResidualSet(nn.Module):
+    """One LowRankResidual per target, keyed by kohya layer name, plus the concept's metadata."""
+
+    def __init__(self, layers: dict[str, LowRankResidual], meta: ResidualMeta | None = None):
+        super().__init__()
+        self.layers = nn.ModuleDict(layers)
+        self.meta = meta or ResidualMeta()
+
+    @classmethod
+    def for_targets(
+        cls,
+        targets: list[Target],
+        rank_fraction: float = 0.05,
+        init: str = "zero",
+        seed: int = 0,
+        meta: ResidualMeta | None = None,
+    ) -> ResidualSet:
+        if not 0 < rank_fraction <= 1:
+            raise ResidualError(f"rank_fraction must be in (0, 1], got {rank_fraction}; the paper uses 0.05.")
+        generator = torch.Generator().manual_seed(seed)
+        layers = {}
+        for t in targets:
+            layer = LowRankResidual(t.out_dim, t.in_dim, rank_for(t.out_dim, rank_fraction), t.conv)
+            layer.reset(init, generator)
+            layers[t.key] = layer
+        meta = meta or ResidualMeta()
+        meta.rank_fraction, meta.init, meta.base_family = rank_fraction, init, model_family(targets)
+        return cls(layers, meta)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def check_fits(self, targets: list[Target]) -> None:
+        """Raise a ResidualError that says what differs when this residual was made for another UNet."""
+        by_key = {t.key: t for t in targets}
+        missing = [t.key for t in targets if t.key not in self.layers]
+        extra = [k for k in self.layers if k not in by_key]
+        family = model_family(targets)
+        made_for = self.meta.base_family or "an unknown model"
+        if missing or extra:
+            raise ResidualError(
+                f"This residual has {len(self.layers)} proj_out layers but the model has {len(targets)} "
+                f"({family}); it was made for {made_for}. Use a residual trained on a {family} checkpoint "
+                f"(or train one with this model). Missing: {missing[:3]}; not in the model: {extra[:3]}."
+            )
+        for key, layer in self.layers.items():
+            t = by_key[key]
+            got = (layer.up.shape[0], layer.down.shape[1], layer.conv)
+            if got != (t.out_dim, t.in_dim, t.conv):
+                raise ResidualError(
+                    f"Layer {key}: the residual is {got[0]}x{got[1]} ({'conv' if got[2] else 'linear'}) but the "
+                    f"model's proj_out is {t.out_dim}x{t.in_dim} ({'conv' if t.conv else 'linear'}); the residual "
+                    f"was made for {made_for}, the model is {family}. Use a residual trained on this model family."
+                )
+
+    def forget_casts(self) -> None:
+        for layer in self.layers.values():
+            layer.forget_cast()

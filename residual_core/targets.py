@@ -1,0 +1,95 @@
+"""Where residuals go: the output projection of every transformer block of an SD-style UNet."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import ResidualError
+
+# The parts of an LDM UNet that hold SpatialTransformers, in forward order, with the name
+# ComfyUI's transformer_options use for each (("input", 1), ("middle", 0), ("output", 3), ...).
+_PARTS = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One proj_out layer that receives a residual."""
+
+    name: str  # state-dict path inside the UNet, e.g. "input_blocks.1.1.proj_out"
+    key: str  # kohya LoRA name, e.g. "lora_unet_down_blocks_0_attentions_0_proj_out"
+    block: tuple[str, int]  # ComfyUI's block id, e.g. ("input", 1)
+    conv: bool  # 1x1 Conv2d (SD1.x) or Linear (SD2.x, SDXL)
+    out_dim: int
+    in_dim: int
+    depth: int  # transformer blocks feeding this proj_out (SDXL: 2 or 10)
+
+
+def _kohya_key(part: str, index: int, blocks_per_level: int) -> str:
+    # The diffusers naming that kohya/A1111 tools and ComfyUI's LoRA loader all understand.
+    if part == "input_blocks":
+        return f"lora_unet_down_blocks_{(index - 1) // blocks_per_level}_attentions_{(index - 1) % blocks_per_level}_proj_out"
+    if part == "middle_block":
+        return "lora_unet_mid_block_attentions_0_proj_out"
+    return f"lora_unet_up_blocks_{index // blocks_per_level}_attentions_{index % blocks_per_level}_proj_out"
+
+
+def _blocks_per_level(unet: nn.Module) -> int:
+    nrb = getattr(unet, "num_res_blocks", 2)
+    if isinstance(nrb, (list, tuple)):
+        if len(set(nrb)) != 1:
+            raise ResidualError(f"UNets with a different number of res blocks per level ({list(nrb)}) are not supported.")
+        nrb = nrb[0]
+    return int(nrb) + 1
+
+
+def find_targets(unet: nn.Module) -> list[Target]:
+    """Every SpatialTransformer's proj_out in forward order (16 in SD1.x/SD2.x, 11 in SDXL)."""
+    per_level = _blocks_per_level(unet)
+    targets = []
+    for name, module in unet.named_modules():
+        if not (hasattr(module, "transformer_blocks") and hasattr(module, "proj_out")):
+            continue
+        parts = name.split(".")
+        if parts[0] not in _PARTS:
+            continue
+        index = int(parts[1]) if parts[0] != "middle_block" else 0
+        weight = module.proj_out.weight
+        targets.append(
+            Target(
+                name=f"{name}.proj_out",
+                key=_kohya_key(parts[0], index, per_level),
+                block=(_PARTS[parts[0]], index),
+                conv=weight.ndim == 4,
+                out_dim=weight.shape[0],
+                in_dim=weight.shape[1],
+                depth=len(module.transformer_blocks),
+            )
+        )
+    if not targets:
+        raise ResidualError(
+            "This model has no transformer blocks with a proj_out layer. Personalized residuals need an "
+            "SD1.x, SD2.x or SDXL UNet; load one with a stock checkpoint loader."
+        )
+    return targets
+
+
+def model_family(targets: list[Target]) -> str:
+    """A short name for the UNet family the targets come from, written into residual files."""
+    dims = sorted({t.out_dim for t in targets})
+    if len(targets) == 16 and dims == [320, 640, 1280]:
+        return "sd1" if targets[0].conv else "sd2"
+    if len(targets) == 11 and dims == [640, 1280]:
+        return "sdxl"
+    return f"custom-{len(targets)}x{'-'.join(map(str, dims))}-{'conv' if targets[0].conv else 'linear'}"
+
+
+def weights_hash(weights: list[torch.Tensor]) -> str:
+    """A short fingerprint of the base model's proj_out weights (as fp16, so fp32 and fp16 loads agree)."""
+    h = hashlib.sha256()
+    for w in weights:
+        h.update(w.detach().to("cpu", torch.float16).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]

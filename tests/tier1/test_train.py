@@ -1,0 +1,102 @@
+import hashlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import tiny_unet
+from personalized_residuals.residual_core import (
+    ResidualError,
+    ResidualSet,
+    TrainConfig,
+    attach,
+    find_targets,
+    train_residual,
+)
+
+ALPHAS = torch.cumprod(1 - torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2, 0)  # SD's scaled-linear schedule
+
+
+def _setup(use_linear=False, inference=False):
+    torch.manual_seed(0)
+    with torch.inference_mode(inference):
+        unet = tiny_unet(use_linear)
+    ctx = torch.randn(1, 6, 16)
+    latents = torch.randn(2, 4, 8, 8)
+    residual = ResidualSet.for_targets(find_targets(unet), 0.5)
+    return unet, residual, latents, (lambda x_t, t: unet(x_t, t, ctx.expand(len(x_t), -1, -1))), ctx
+
+
+def _checksum(module):
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        h.update(name.encode() + t.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _fixed_batch_loss(unet, residual, latents, ctx):
+    g = torch.Generator().manual_seed(123)
+    t = torch.randint(0, 1000, (16,), generator=g)
+    x0 = latents[torch.arange(16) % len(latents)]
+    eps = torch.randn(x0.shape, generator=g)
+    a = ALPHAS[t].view(-1, 1, 1, 1)
+    with torch.no_grad(), attach(unet, residual):
+        return F.mse_loss(unet(a.sqrt() * x0 + (1 - a).sqrt() * eps, t, ctx.expand(16, -1, -1)), eps).item()
+
+
+@pytest.mark.parametrize("use_linear", [False, True])
+def test_training_lowers_the_loss_and_touches_nothing_but_the_residual(use_linear):
+    unet, residual, latents, denoiser, ctx = _setup(use_linear)
+    before_sum, before_loss = _checksum(unet), _fixed_batch_loss(unet, residual, latents, ctx)
+    losses = train_residual(residual, unet, denoiser, latents, ALPHAS, "eps", TrainConfig(steps=60, lr=1e-2))
+    assert losses.shape == (60,) and torch.isfinite(losses).all()
+    assert _fixed_batch_loss(unet, residual, latents, ctx) < 0.9 * before_loss
+    assert _checksum(unet) == before_sum
+    assert all(p.grad is None for p in unet.parameters())
+    assert all(p.requires_grad for p in unet.parameters()), "requires_grad is restored"
+    assert not any(p.requires_grad for p in residual.parameters())
+    assert any(layer.up.abs().sum() > 0 for layer in residual.layers.values())
+
+
+def test_same_seed_same_residual_bit_for_bit_and_another_seed_differs():
+    runs = []
+    for seed in (7, 7, 8):
+        unet, residual, latents, denoiser, _ = _setup()
+        train_residual(residual, unet, denoiser, latents, ALPHAS, config=TrainConfig(steps=5, seed=seed, flip=True))
+        runs.append(torch.cat([p.flatten() for p in residual.parameters()]))
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+def test_weights_made_in_inference_mode_train_and_are_put_back():
+    unet, residual, latents, denoiser, _ = _setup(inference=True)
+    params = list(unet.parameters())
+    assert all(p.is_inference() for p in params)
+    train_residual(residual, unet, denoiser, latents, ALPHAS, config=TrainConfig(steps=3))
+    assert all(a is b for a, b in zip(params, unet.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_the_loss_target_follows_the_prediction_type(prediction):
+    unet, residual, latents, _, ctx = _setup()
+    x0 = latents[:1].expand(2, -1, -1, -1)
+
+    def oracle(x_t, t):  # knows x0, so it returns the exact eps or v
+        a = ALPHAS[t].view(-1, 1, 1, 1)
+        eps = (x_t - a.sqrt() * x0[: len(x_t)]) / (1 - a).sqrt()
+        out = eps if prediction == "eps" else a.sqrt() * eps - (1 - a).sqrt() * x0[: len(x_t)]
+        return out + 0 * unet(x_t, t, ctx.expand(len(x_t), -1, -1))
+
+    losses = train_residual(residual, unet, oracle, latents[:1], ALPHAS, prediction,
+                            TrainConfig(steps=2, batch_size=2))
+    assert losses.max() < 1e-6
+
+
+def test_bad_settings_are_refused():
+    unet, residual, latents, denoiser, _ = _setup()
+    for config, match in ((TrainConfig(steps=0), "steps"), (TrainConfig(batch_size=0), "batch_size"),
+                          (TrainConfig(lr=0), "lr")):
+        with pytest.raises(ResidualError, match=match):
+            train_residual(residual, unet, denoiser, latents, ALPHAS, config=config)
+    with pytest.raises(ResidualError, match="prediction"):
+        train_residual(residual, unet, denoiser, latents, ALPHAS, "x0")
+    with pytest.raises(ResidualError, match="latents"):
+        train_residual(residual, unet, denoiser, latents[0], ALPHAS)
