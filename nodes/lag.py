@@ -81,7 +81,7 @@ class LagSampler(io.ComfyNode):
                                tooltip="...up to this point. Outside, the base model samples alone."),
             ],
             outputs=[
-                io.Model.Output("model", display_name="model", tooltip="The model with the residual; the input MODEL "
+                io.Model.Output("lag_model", display_name="model", tooltip="The model with the residual; the input MODEL "
                                 "is unchanged."),
                 io.Conditioning.Output("positive", display_name="positive", tooltip="The encoded prompt: the "
                                        "KSampler's positive input (LAG locates the concept's tokens in it)."),

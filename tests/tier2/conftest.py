@@ -1,0 +1,62 @@
+"""Tier 2 fixtures: tiny models built through ComfyUI's own classes (see comfy_env.py)."""
+
+import pytest
+from comfy_env import (
+    SKIPPED,
+    SDXLTextStandIn,
+    build_clip,
+    build_sd2_v,
+    build_sd15,
+    build_sdxl,
+    build_vae,
+)
+
+if SKIPPED:
+    collect_ignore_glob = ["test_[!c]*.py"]  # every tier-2 module but test_comfyui_present.py
+
+
+@pytest.fixture(scope="session")
+def sd15():
+    return build_sd15()
+
+
+@pytest.fixture(scope="session")
+def sd2_v():
+    return build_sd2_v()
+
+
+@pytest.fixture(scope="session")
+def sdxl():
+    return build_sdxl()
+
+
+@pytest.fixture(scope="session")
+def clip():
+    return build_clip("sd1")
+
+
+@pytest.fixture(scope="session")
+def clip_sd2():
+    return build_clip("sd2")
+
+
+@pytest.fixture(scope="session")
+def clip_sdxl():
+    return SDXLTextStandIn()
+
+
+@pytest.fixture(scope="session")
+def vae():
+    return build_vae()
+
+
+@pytest.fixture
+def loras_dir(tmp_path, monkeypatch):
+    """ComfyUI's loras folder pointed at a fresh temporary folder."""
+    import folder_paths
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(folder)], folder_paths.supported_pt_extensions))
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    return folder
