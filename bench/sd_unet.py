@@ -24,7 +24,8 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000) -> to
 
 
 def _norm(ch: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(32, ch // 4) if ch % 32 else 32, ch, eps=1e-6)
+    """GroupNorm with SD's 32 groups where the width allows, else the largest group count that divides it."""
+    return nn.GroupNorm(next(g for g in range(32, 0, -1) if ch % g == 0), ch, eps=1e-6)
 
 
 class TimestepEmbedSequential(nn.Sequential):

@@ -7,10 +7,10 @@ from .lag import MASK_RULES, LagSession, threshold, token_attention
 from .residual import INITS, LowRankResidual, ResidualMeta, ResidualSet, rank_for
 from .targets import Target, find_targets, model_family, weights_hash
 from .tokens import ConceptTokens, locate_concept
-from .train import PREDICTIONS, TrainConfig, train_residual
+from .train import PREDICTIONS, TrainConfig, fit, train_residual
 
 __all__ = [
     "INITS", "MASK_RULES", "PREDICTIONS", "ConceptTokens", "LagSession", "LowRankResidual", "ResidualError",
-    "ResidualMeta", "ResidualSet", "Target", "TrainConfig", "attach", "fileformat", "find_targets", "frozen",
+    "ResidualMeta", "ResidualSet", "Target", "TrainConfig", "attach", "fileformat", "find_targets", "fit", "frozen",
     "locate_concept", "model_family", "rank_for", "threshold", "token_attention", "train_residual", "weights_hash",
 ]

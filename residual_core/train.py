@@ -66,9 +66,8 @@ def _draw(config: TrainConfig, n_images: int, n_timesteps: int, latent_shape: tu
     )
 
 
-def train_residual(
-    residual: ResidualSet,
-    unet: nn.Module,
+def fit(
+    parameters: list[torch.Tensor],
     denoiser: Denoiser,
     latents: torch.Tensor,
     alphas_cumprod: torch.Tensor,
@@ -77,11 +76,10 @@ def train_residual(
     flipped_latents: torch.Tensor | None = None,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
     autocast_dtype: torch.dtype | None = None,
-    targets: list[Target] | None = None,
 ) -> torch.Tensor:
-    """Train `residual` (attached to `unet`'s proj_out layers) so `denoiser` reproduces `latents`.
+    """The diffusion-loss loop over `parameters` (tensors that require grad), whatever they belong to.
 
-    latents: [N, C, H, W], already scaled as the UNet expects. flipped_latents: the same images
+    latents: [N, C, H, W], already scaled as the model expects. flipped_latents: the same images
     flipped, used when config.flip. on_step(step, losses) runs after each step with the loss history
     so far on the device (a place to report progress or raise to cancel). Returns the per-step losses.
     """
@@ -95,32 +93,51 @@ def train_residual(
         flipped_latents = latents.flip(-1)
     device = latents.device
     draws = _draw(config, latents.shape[0], alphas_cumprod.shape[0], tuple(latents.shape[1:]))
-    ab = alphas_cumprod.to(device, torch.float32)[draws.t.to(device)].view(*draws.t.shape, 1, 1, 1)
+    t = draws.t.to(device)
+    ab = alphas_cumprod.to(device, torch.float32)[t].view(*t.shape, 1, 1, 1)
     index, noise = draws.index.to(device), draws.noise.to(device)
-    flip = draws.flip.to(device).view(*draws.t.shape, 1, 1, 1) if config.flip else None
+    flip = draws.flip.to(device).view(*t.shape, 1, 1, 1) if config.flip else None
 
-    residual.to(device).float().requires_grad_(True)
-    optimizer = torch.optim.AdamW(residual.parameters(), lr=config.lr)
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr)
     losses = torch.zeros(config.steps, device=device)
+    for step in range(config.steps):
+        x0 = latents[index[step]]
+        if flip is not None:
+            x0 = torch.where(flip[step], flipped_latents[index[step]], x0)
+        a, eps = ab[step], noise[step]
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        target = eps if prediction == "eps" else a.sqrt() * eps - (1 - a).sqrt() * x0
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            out = denoiser(x_t, t[step])
+        loss = F.mse_loss(out.float(), target.float())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses[step] = loss.detach()
+        if on_step is not None:
+            on_step(step, losses[: step + 1])
+    return losses.cpu()
+
+
+def train_residual(
+    residual: ResidualSet,
+    unet: nn.Module,
+    denoiser: Denoiser,
+    latents: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    prediction: str = "eps",
+    config: TrainConfig | None = None,
+    flipped_latents: torch.Tensor | None = None,
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    targets: list[Target] | None = None,
+) -> torch.Tensor:
+    """Train `residual`, attached to `unet`'s proj_out layers, with everything else frozen (see fit)."""
+    residual.to(latents.device).float().requires_grad_(True)
     try:
         with frozen(unet), attach(unet, residual, targets=targets):
-            for step in range(config.steps):
-                x0 = latents[index[step]]
-                if flip is not None:
-                    x0 = torch.where(flip[step], flipped_latents[index[step]], x0)
-                a, eps = ab[step], noise[step]
-                x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
-                target = eps if prediction == "eps" else a.sqrt() * eps - (1 - a).sqrt() * x0
-                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    out = denoiser(x_t, draws.t[step].to(device))
-                loss = F.mse_loss(out.float(), target.float())
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses[step] = loss.detach()
-                if on_step is not None:
-                    on_step(step, losses[: step + 1])
+            return fit(list(residual.parameters()), denoiser, latents, alphas_cumprod, prediction, config,
+                       flipped_latents, on_step, autocast_dtype)
     finally:
         residual.requires_grad_(False)
         residual.forget_casts()
-    return losses.cpu()
