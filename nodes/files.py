@@ -6,6 +6,7 @@ and applies them as ordinary (global) LoRAs.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 
@@ -25,6 +26,11 @@ def residual_names() -> list[str]:
 
 
 def residual_path(name: str) -> str:
+    """The file `name` of the residual folder; names that could reach outside it are refused."""
+    parts = name.replace("\\", "/").split("/")
+    if os.path.isabs(name) or ".." in parts or not name.endswith(".safetensors"):
+        raise ResidualError(f"residual_name {name!r} must be a .safetensors file inside models/loras/{SUBFOLDER}/ "
+                            "(no absolute paths, no '..'). Pick one from the list.")
     path = folder_paths.get_full_path("loras", f"{SUBFOLDER}/{name}")
     if path is None:
         raise ResidualError(f"No residual file {name!r} in models/loras/{SUBFOLDER}/. Pick one from the list "
@@ -33,13 +39,22 @@ def residual_path(name: str) -> str:
 
 
 def _safe_stem(name: str) -> str:
-    """A file name stem that stays inside the folder; anything that could leave it is refused."""
+    """A file name stem that stays inside the folder: anything path-like is refused, odd characters replaced."""
     if os.path.isabs(name) or "/" in name or "\\" in name or name.startswith("."):
         raise ResidualError(f"filename_prefix {name!r} must be a plain name (no folders, no leading dot).")
-    stem = re.sub(r"[^A-Za-z0-9._ -]+", "_", name).strip(" .")
+    stem = re.sub(r"[^\w. -]+", "_", name).strip(" .")  # letters of any script, digits, _ . - and spaces
     if not stem:
         raise ResidualError(f"filename_prefix {name!r} has no usable characters; use letters and digits.")
     return stem[:100]
+
+
+def _free_names(folder: str, stem: str):
+    """stem_00001.safetensors, stem_00002...: the names not in use (compared case-insensitively, as Windows and
+    macOS do), in order."""
+    taken = {n.lower() for n in os.listdir(folder)}
+    for c in range(1, 100_000):
+        if f"{stem}_{c:05}.safetensors".lower() not in taken:
+            yield f"{stem}_{c:05}.safetensors"
 
 
 class SaveResidual(io.ComfyNode):
@@ -69,12 +84,14 @@ class SaveResidual(io.ComfyNode):
         stem = _safe_stem(filename_prefix.strip() or f"{meta.identifier}_{meta.class_word}")
         folder = os.path.join(folder_paths.get_folder_paths("loras")[0], SUBFOLDER)
         os.makedirs(folder, exist_ok=True)
-        existing = set(os.listdir(folder))
-        counter = 1
-        while f"{stem}_{counter:05}.safetensors" in existing:
-            counter += 1
-        filename = f"{stem}_{counter:05}.safetensors"
-        fileformat.save(residual, os.path.join(folder, filename))
+        for filename in _free_names(folder, stem):
+            try:  # the save itself refuses a name taken meanwhile (another ComfyUI on the same folder)
+                fileformat.save(residual, os.path.join(folder, filename))
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise ResidualError(f"Save Residual: no free file name for {stem!r}; use another filename_prefix.")
         name = f"{SUBFOLDER}/{filename}"
         return io.NodeOutput(name, ui=ui.PreviewText(f"saved models/loras/{name}"))
 
@@ -105,4 +122,8 @@ class LoadResidual(io.ComfyNode):
     @classmethod
     def execute(cls, residual_name) -> io.NodeOutput:
         residual = fileformat.load(residual_path(residual_name))
-        return io.NodeOutput(residual, residual.meta.class_word, residual.meta.identifier)
+        meta = residual.meta
+        if not meta.class_word or not meta.identifier:
+            logging.warning("Load Residual: %s has no class word or identifier in its metadata (saved by another "
+                            "tool?). LAG mode needs them; the LAG Sampler's global mode works without.", residual_name)
+        return io.NodeOutput(residual, meta.class_word, meta.identifier)

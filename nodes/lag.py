@@ -14,6 +14,7 @@ from comfy.patcher_extension import CallbacksMP, WrappersMP
 from comfy_api.latest import io, ui
 
 from ..residual_core import MASK_RULES, LagSession, ResidualError, attach, locate_concept
+from ..residual_core.errors import check_range
 from ..residual_core.lag import check_rule
 from .comfy_model import base_hash, targets_of, tokenizer_of
 from .pictures import mask_preview
@@ -93,12 +94,21 @@ class LagSampler(io.ComfyNode):
                 end_percent) -> io.NodeOutput:
         if mode not in MODES:
             raise ResidualError(f"mode must be one of {MODES}, got {mode!r}.")
-        if not 0 <= start_percent <= end_percent <= 1:
+        check_range("strength", strength, -4, 4, "1 applies the residual as trained.")
+        check_range("start_percent", start_percent, 0, 1)
+        check_range("end_percent", end_percent, 0, 1)
+        if start_percent > end_percent:
             raise ResidualError(f"start_percent ({start_percent}) must not exceed end_percent ({end_percent}).")
         check_rule(mask_rule, mask_value)
         targets = targets_of(model)
         residual.check_fits(targets)
         meta = residual.meta
+        if mode == "LAG" and not (meta.class_word and meta.identifier):
+            raise ResidualError(
+                "This residual has no class word or identifier in its metadata (a file saved by another tool?), so "
+                "LAG can't find the concept in the prompt. Use mode 'global', or train the concept with Train "
+                "Personalized Residual."
+            )
         if meta.base_hash and meta.base_hash != base_hash(model, targets):
             logging.warning("LAG Sampler: residual '%s %s' was trained on another checkpoint of the same family; "
                             "it may look different here.", meta.identifier, meta.class_word)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import textwrap
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -12,13 +15,18 @@ def _to_image(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0)[None]
 
 
-def loss_curve(losses: list[float], title: str, size: tuple[int, int] = (640, 360)) -> torch.Tensor:
-    """The per-step loss (grey) and its moving average (blue), as a ComfyUI IMAGE [1, H, W, 3]."""
-    w, h = size
-    left, right, top, bottom = 64, 16, 30, 36
-    img = Image.new("RGB", size, "white")
+def loss_curve(losses: list[float], title: str, warnings: Sequence[str] = (), size: tuple[int, int] = (640, 360)
+               ) -> torch.Tensor:
+    """The per-step loss (grey) and its moving average (blue), as a ComfyUI IMAGE [1, H, W, 3]. Warnings
+    about the inputs are printed in red above the plot, where the user looks after training."""
+    lines = [line for text in warnings for line in textwrap.wrap(f"! {text}", 100, subsequent_indent="  ")]
+    w, h = size[0], size[1] + 12 * len(lines)
+    left, right, top, bottom = 64, 16, 30 + 12 * len(lines), 36
+    img = Image.new("RGB", (w, h), "white")
     draw = ImageDraw.Draw(img)
     font = ImageFont.load_default()
+    for i, line in enumerate(lines):
+        draw.text((8, 24 + 12 * i), line, fill="#c00000", font=font)
     values = np.asarray(losses, dtype=np.float64)
     window = max(1, len(values) // 15)
     smooth = np.convolve(values, np.ones(window) / window, mode="valid")

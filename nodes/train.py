@@ -11,9 +11,19 @@ import comfy.utils
 import torch
 from comfy_api.latest import io
 
-from ..residual_core import INITS, ResidualError, ResidualMeta, ResidualSet, TrainConfig, train_residual
-from ..residual_core.images import square_batch
-from .comfy_model import base_hash, prediction_of, targets_of
+from ..residual_core import (
+    INITS,
+    ResidualError,
+    ResidualMeta,
+    ResidualSet,
+    TrainConfig,
+    locate_concept,
+    train_residual,
+)
+from ..residual_core.errors import check_range
+from ..residual_core.images import MAX_SIDE, MIN_SIDE, photo_warnings, square_batch
+from ..residual_core.words import identifier_warnings
+from .comfy_model import base_hash, prediction_of, targets_of, tokenizer_of
 from .pictures import loss_curve
 from .residual_type import CATEGORY, Residual
 
@@ -109,21 +119,40 @@ class TrainPersonalizedResidual(io.ComfyNode):
         (model, clip, vae, class_word, identifier, steps, learning_rate, batch_size, rank_fraction, seed,
          resolution, flip, init) = (v[0] for v in (model, clip, vae, class_word, identifier, steps, learning_rate,
                                                     batch_size, rank_fraction, seed, resolution, flip, init))
+        # Every input is checked before the VAE, the text encoder or the UNet runs.
+        for name, value in (("model", model), ("clip", clip), ("vae", vae)):
+            if value is None:
+                raise ResidualError(f"{name} is empty: connect the {name.upper()} output of Load Checkpoint (this "
+                                    f"checkpoint may have no {name.upper()}; load one separately).")
         class_word, identifier = class_word.strip(), identifier.strip()
         if not class_word or not identifier:
             raise ResidualError("class_word and identifier must not be empty: use e.g. 'dog' and 'sks'.")
         config = TrainConfig(steps=steps, batch_size=batch_size, lr=learning_rate, seed=seed, flip=flip)
         config.check()
+        check_range("resolution", resolution, MIN_SIDE, MAX_SIDE, "Use the model's native one (512 for SD1.x).")
+        if resolution % 8:
+            raise ResidualError(f"resolution must be a multiple of 8 (the VAE's scale), got {resolution}.")
+        prediction_of(model.model)
+        targets = targets_of(model)
+        prompt = f"a photo of a {identifier} {class_word}"
+        locate_concept(tokenizer_of(clip), prompt, identifier, class_word)  # both words tokenize and are found
+        pixels = square_batch(images, resolution)
+        warnings = photo_warnings(images, resolution) + identifier_warnings(identifier, class_word)
+        for line in warnings:
+            logging.warning("Train Personalized Residual: %s", line)
         meta = ResidualMeta(class_word=class_word, identifier=identifier, steps=steps, lr=learning_rate,
                             seed=seed, batch_size=batch_size)
-        targets = targets_of(model)
-        pixels = square_batch(images, resolution)
+        with torch.inference_mode(False):  # a trainable residual can't be made of inference tensors
+            residual = ResidualSet.for_targets(targets, rank_fraction, init, seed, meta)
 
         # Fixed for the whole run, so encoded once: the photos (and their mirror images) and the prompt.
         latents = vae.encode(pixels)
         flipped = vae.encode(pixels.flip(2)) if flip else None
-        prompt = f"a photo of a {identifier} {class_word}"
         positive = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+        if not all(bool(torch.isfinite(t).all()) for t in (latents, positive[0][0], *([flipped] if flip else []))):
+            raise ResidualError("The VAE or the text encoder returned NaN or inf for the photos or the prompt. A VAE "
+                                "in float16 can overflow (SDXL's original VAE does): start ComfyUI with --fp32-vae or "
+                                "use a fixed VAE.")
 
         pbar = comfy.utils.ProgressBar(steps)
 
@@ -134,7 +163,6 @@ class TrainPersonalizedResidual(io.ComfyNode):
         started = time.perf_counter()
         with torch.inference_mode(False):
             meta.base_hash = base_hash(model, targets)
-            residual = ResidualSet.for_targets(targets, rank_fraction, init, seed, meta)
             run = _TrainingRun(residual, config, targets, flipped, on_step)
             guider = _PositiveOnlyGuider(model)
             guider.set_conds(positive)
@@ -146,4 +174,4 @@ class TrainPersonalizedResidual(io.ComfyNode):
             identifier, class_word, steps, len(pixels), time.perf_counter() - started, residual.num_parameters(),
             float(losses[0]), float(losses[-min(10, len(losses)):].mean()),
         )
-        return io.NodeOutput(residual, loss_curve(losses.tolist(), f"{identifier} {class_word}"))
+        return io.NodeOutput(residual, loss_curve(losses.tolist(), f"{identifier} {class_word}", warnings))

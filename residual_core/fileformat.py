@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 import tempfile
 
+import safetensors.torch
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .errors import ResidualError
 from .residual import LowRankResidual, ResidualMeta, ResidualSet
+from .targets import family_of
 
 FORMAT = "personalized_residual"
 FORMAT_VERSION = 1
@@ -38,85 +39,140 @@ def metadata(residual: ResidualSet) -> dict[str, str]:
     return {"format": FORMAT, "format_version": str(FORMAT_VERSION), **residual.meta.as_strings()}
 
 
-def from_state_dict(sd: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> ResidualSet:
-    """Build a ResidualSet from kohya-layout tensors, saying exactly what is wrong when it can't."""
-    meta = meta or {}
+def _check_format(meta: dict[str, str]) -> None:
+    """A file without metadata is read as a plain kohya LoRA; a format this pack doesn't know is refused."""
     if meta.get("format", FORMAT) != FORMAT:
         raise ResidualError(f"This file's format is {meta['format']!r}, not a personalized residual.")
     version = meta.get("format_version", str(FORMAT_VERSION))
     if not version.isdigit() or int(version) > FORMAT_VERSION:
         raise ResidualError(
-            f"This residual file has format version {version}; this pack reads up to {FORMAT_VERSION}. "
+            f"This residual file has format version {version!r}; this pack reads up to {FORMAT_VERSION}. "
             "Update the node pack."
         )
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    unknown = []
-    for name, tensor in sd.items():
+
+
+def _layer_keys(names) -> list[str]:
+    """The layer names of a residual file, from its tensor names alone (before any tensor is read)."""
+    groups, unknown, names = set(), [], set(names)
+    for name in sorted(names):
         suffix = next((s for s in _SUFFIXES if name.endswith(s)), None)
         if suffix is None:
             unknown.append(name)
-            continue
-        groups.setdefault(name[: -len(suffix)], {})[suffix] = tensor
-    proj = {k: v for k, v in groups.items() if k.startswith("lora_unet_") and k.endswith("_proj_out")}
+        else:
+            groups.add(name[: -len(suffix)])
+    proj = sorted(k for k in groups if k.startswith("lora_unet_") and k.endswith("_proj_out"))
     if not proj:
-        example = next(iter(sd), "nothing")
+        example = min(names, default="nothing")
         raise ResidualError(
-            f"This file has no proj_out residuals ({len(sd)} tensors, e.g. {example!r}): it is not a personalized "
+            f"This file has no proj_out residuals ({len(names)} tensors, e.g. {example!r}): it is not a personalized "
             "residual. A regular LoRA loads with LoraLoaderModelOnly."
         )
     other = unknown + sorted(k for k in groups if k not in proj)
     if other:
-        raise ResidualError(f"Unexpected tensors in a residual file: {other[:5]} ({len(other)} in all).")
-    layers = {}
-    for key, parts in proj.items():
-        if ".lora_down.weight" not in parts or ".lora_up.weight" not in parts:
-            raise ResidualError(f"Layer {key} needs both lora_down.weight and lora_up.weight; the file is incomplete.")
-        down, up = parts[".lora_down.weight"], parts[".lora_up.weight"]
-        conv = down.ndim == 4
-        ok = (
-            down.ndim == up.ndim and down.ndim in (2, 4)
-            and (not conv or (down.shape[2:] == (1, 1) and up.shape[2:] == (1, 1)))
-            and up.shape[1] == down.shape[0]
+        raise ResidualError(
+            f"This file holds tensors besides proj_out residuals: {other[:3]} ({len(other)} in all). It is a "
+            "regular LoRA (load it with LoraLoaderModelOnly) or a damaged residual."
         )
-        if not ok:
-            raise ResidualError(
-                f"Layer {key}: lora_down {tuple(down.shape)} and lora_up {tuple(up.shape)} are not the two factors "
-                "of a low-rank [out, r] x [r, in] matrix (or 1x1 kernels)."
-            )
-        tensors = [down, up] + ([parts[".alpha"]] if ".alpha" in parts else [])
-        if not all(t.is_floating_point() and bool(torch.isfinite(t).all()) for t in tensors):
-            raise ResidualError(f"Layer {key} holds non-finite or non-float values; the file is damaged.")
-        alpha = float(parts[".alpha"]) if ".alpha" in parts else None
-        layer = LowRankResidual(up.shape[0], down.shape[1], down.shape[0], conv, alpha)
-        with torch.no_grad():
-            layer.down.copy_(down.reshape(down.shape[0], down.shape[1]).float())
-            layer.up.copy_(up.reshape(up.shape[0], up.shape[1]).float())
-        layers[key] = layer
-    return ResidualSet(layers, ResidualMeta.from_strings(meta))
+    for key in proj:
+        if f"{key}.lora_down.weight" not in names or f"{key}.lora_up.weight" not in names:
+            raise ResidualError(f"Layer {key} needs both lora_down.weight and lora_up.weight; the file is incomplete.")
+    return proj
 
 
-def save(residual: ResidualSet, path: str) -> None:
-    """Write atomically: a temporary file in the same folder, renamed into place when complete."""
+def _layer(key: str, down: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor | None) -> LowRankResidual:
+    conv = down.ndim == 4
+    ok = (
+        down.ndim == up.ndim and down.ndim in (2, 4)
+        and (not conv or (down.shape[2:] == (1, 1) and up.shape[2:] == (1, 1)))
+        and up.shape[1] == down.shape[0] and min(down.shape[0], down.shape[1], up.shape[0]) >= 1
+    )
+    if not ok:
+        raise ResidualError(
+            f"Layer {key}: lora_down {tuple(down.shape)} and lora_up {tuple(up.shape)} are not the two factors "
+            "of a low-rank [out, r] x [r, in] matrix (or 1x1 kernels); the file is damaged."
+        )
+    tensors = [down, up] + ([alpha] if alpha is not None else [])
+    if alpha is not None and alpha.numel() != 1:
+        raise ResidualError(f"Layer {key}: alpha has shape {tuple(alpha.shape)}, not one number; the file is damaged.")
+    if not all(t.is_floating_point() and bool(torch.isfinite(t.float()).all()) for t in tensors):
+        raise ResidualError(f"Layer {key} holds non-finite or non-float values; the file is damaged.")
+    layer = LowRankResidual(up.shape[0], down.shape[1], down.shape[0], conv, None if alpha is None else float(alpha))
+    with torch.no_grad():
+        layer.down.copy_(down.reshape(down.shape[0], down.shape[1]).float())
+        layer.up.copy_(up.reshape(up.shape[0], up.shape[1]).float())
+    return layer
+
+
+def from_state_dict(sd: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> ResidualSet:
+    """Build a ResidualSet from kohya-layout tensors, saying exactly what is wrong when it can't."""
+    meta = meta or {}
+    _check_format(meta)
+    return _build(_layer_keys(sd), sd.get, meta)
+
+
+def _build(keys: list[str], tensor, meta: dict[str, str]) -> ResidualSet:
+    """tensor(name) -> the named tensor, or None when the file has none (alpha is optional)."""
+    info = ResidualMeta.from_strings(meta)
+    layers = {k: _layer(k, tensor(f"{k}.lora_down.weight"), tensor(f"{k}.lora_up.weight"), tensor(f"{k}.alpha"))
+              for k in keys}
+    if len({layer.conv for layer in layers.values()}) > 1:
+        raise ResidualError("This file mixes conv (4-D) and linear (2-D) layers; no SD UNet has both. It is damaged.")
+    family = family_of(len(layers), {layer.up.shape[0] for layer in layers.values()}, next(iter(layers.values())).conv)
+    if info.base_family and info.base_family != family:
+        raise ResidualError(f"The file's metadata says it is for {info.base_family} but its tensors are shaped for "
+                            f"{family}: the file was edited or damaged.")
+    info.base_family = family
+    return ResidualSet(layers, info)
+
+
+def save(residual: ResidualSet, path: str, overwrite: bool = False) -> None:
+    """Write atomically: a temporary file in the same folder, flushed to disk, then put in place whole.
+
+    An existing file is never replaced unless `overwrite` (FileExistsError otherwise). The temporary file is
+    hidden and not named *.safetensors, so no loader lists it even if the process is killed mid-write.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".safetensors", dir=folder)
-    os.close(fd)
+    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".tmp", dir=folder)
     try:
-        save_file(to_state_dict(residual), tmp, metadata=metadata(residual))
+        with os.fdopen(fd, "wb") as f:
+            f.write(safetensors.torch.save(to_state_dict(residual), metadata=metadata(residual)))
+            f.flush()
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _place_new(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _place_new(tmp: str, path: str) -> None:
+    """Give the finished file its name only if that name is free (a hard link fails if it exists)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(f"{os.path.basename(path)!r} exists; it was not overwritten. Pick another name.") from None
+    except OSError:  # file systems without hard links (FAT, some network shares): check, then rename
+        if os.path.exists(path):
+            raise FileExistsError(f"{os.path.basename(path)!r} exists; it was not overwritten. Pick another name.") from None
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def load(path: str) -> ResidualSet:
-    """Read a residual file (safetensors only: nothing is unpickled)."""
+    """Read a residual file (safetensors only: nothing is unpickled). Names and metadata are checked before
+    any tensor is read, so a checkpoint or a regular LoRA is refused without loading it."""
     if not path.endswith(".safetensors"):
         raise ResidualError(f"{os.path.basename(path)!r} is not a .safetensors file; only safetensors are read.")
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
-            sd = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for damaged headers
+            _check_format(meta)
+            names = set(f.keys())
+            keys = _layer_keys(names)
+            return _build(keys, lambda name: f.get_tensor(name) if name in names else None, meta)
+    except ResidualError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for damaged headers and data
         raise ResidualError(f"Can't read {os.path.basename(path)!r}: {e}. The file is damaged or not safetensors.") from None
-    return from_state_dict(sd, meta)

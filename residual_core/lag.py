@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import ResidualError
+from .errors import ResidualError, check_range
 
 MASK_RULES = ("max_fraction", "median", "mean", "soft")
 
@@ -45,18 +45,20 @@ def threshold(attn: torch.Tensor, rule: str, value: float) -> torch.Tensor:
         return (attn > attn.median(-1, keepdim=True).values).to(attn.dtype)
     if rule == "mean":
         return (attn > attn.mean(-1, keepdim=True)).to(attn.dtype)
-    if rule == "soft":
-        return (attn / attn.amax(-1, keepdim=True).clamp_min(1e-12)).clamp(0, 1) ** value
+    if rule == "soft":  # scale-free like the others; an all-zero map gives an all-zero mask
+        peak = attn.amax(-1, keepdim=True)
+        return torch.where(peak > 0, attn / peak, 0.0).clamp(0, 1) ** value
     raise ResidualError(f"mask rule must be one of {MASK_RULES}, got {rule!r}.")
 
 
 def check_rule(rule: str, value: float) -> None:
     if rule not in MASK_RULES:
         raise ResidualError(f"mask rule must be one of {MASK_RULES}, got {rule!r}.")
-    if rule == "max_fraction" and not 0 < value <= 1:
-        raise ResidualError(f"mask value for max_fraction is a fraction of the max in (0, 1], got {value}.")
-    if rule == "soft" and not value > 0:
-        raise ResidualError(f"mask value for soft is an exponent > 0, got {value}.")
+    if rule == "max_fraction":
+        check_range("mask value for max_fraction", value, 0, 1, "It is a fraction of the max (0.5).", low_open=True)
+    if rule == "soft":
+        check_range("mask value for soft", value, 0, 10, "It is an exponent (1: linear, higher: sharper).",
+                    low_open=True)
 
 
 class LagSession:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ResidualError
+from .errors import ResidualError, check_range
 from .targets import Target, model_family
 
 INITS = ("zero", "random")
@@ -95,6 +95,7 @@ class ResidualMeta:
 
     @classmethod
     def from_strings(cls, data: dict[str, str]) -> ResidualMeta:
+        """Parse and check the metadata of a file; fields it lacks keep their defaults."""
         out = cls()
         for f in fields(cls):
             if f.name in data:
@@ -102,6 +103,15 @@ class ResidualMeta:
                     setattr(out, f.name, type(getattr(out, f.name))(data[f.name]))
                 except ValueError as e:
                     raise ResidualError(f"metadata field {f.name!r} has a bad value {data[f.name]!r}: {e}") from None
+        try:
+            check_range("rank_fraction", out.rank_fraction, 0, 1, low_open=True)
+            check_range("lr", out.lr, 0, 1)
+            for name in ("steps", "seed", "batch_size"):
+                check_range(name, getattr(out, name), 0, 2**64)
+            if out.init not in INITS:
+                raise ResidualError(f"init must be one of {INITS}, got {out.init!r}.")
+        except ResidualError as e:
+            raise ResidualError(f"The file's metadata is wrong: {e} The file was edited or damaged.") from None
         return out
 
 
@@ -122,8 +132,7 @@ class ResidualSet(nn.Module):
         seed: int = 0,
         meta: ResidualMeta | None = None,
     ) -> ResidualSet:
-        if not 0 < rank_fraction <= 1:
-            raise ResidualError(f"rank_fraction must be in (0, 1], got {rank_fraction}; the paper uses 0.05.")
+        check_range("rank_fraction", rank_fraction, 0, 1, "The paper uses 0.05.", low_open=True)
         generator = torch.Generator().manual_seed(seed)
         layers = {}
         for t in targets:

@@ -79,12 +79,17 @@ def find_targets(unet: nn.Module) -> list[Target]:
 
 def model_family(targets: list[Target]) -> str:
     """A short name for the UNet family the targets come from, written into residual files."""
-    dims = sorted({t.out_dim for t in targets})
-    if len(targets) == 16 and dims == [320, 640, 1280]:
-        return "sd1" if targets[0].conv else "sd2"
-    if len(targets) == 11 and dims == [640, 1280]:
+    return family_of(len(targets), {t.out_dim for t in targets}, targets[0].conv)
+
+
+def family_of(layers: int, dims: set[int], conv: bool) -> str:
+    """The family name from the proj_out layout: how many layers, their widths, conv or linear."""
+    dims = sorted(dims)
+    if layers == 16 and dims == [320, 640, 1280]:
+        return "sd1" if conv else "sd2"
+    if layers == 11 and dims == [640, 1280] and not conv:
         return "sdxl"
-    return f"custom-{len(targets)}x{'-'.join(map(str, dims))}-{'conv' if targets[0].conv else 'linear'}"
+    return f"custom-{layers}x{'-'.join(map(str, dims))}-{'conv' if conv else 'linear'}"
 
 
 def weights_hash(weights: list[torch.Tensor]) -> str:

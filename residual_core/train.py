@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ResidualError
+from .errors import ResidualError, TrainingDiverged, check_range
 from .hooks import attach, frozen
 from .residual import ResidualSet
 from .targets import Target
@@ -36,12 +36,49 @@ class TrainConfig:
     flip: bool = False  # use the horizontally flipped copies half of the time
 
     def check(self) -> None:
-        for name, low, high in (("steps", 1, 100_000), ("batch_size", 1, 64)):
-            value = getattr(self, name)
-            if not low <= value <= high:
-                raise ResidualError(f"{name} must be between {low} and {high}, got {value}.")
-        if not 0 < self.lr <= 1:
-            raise ResidualError(f"lr must be in (0, 1], got {self.lr}; the paper uses 1e-3.")
+        check_range("steps", self.steps, 1, 100_000, "The paper uses 150.")
+        check_range("batch_size", self.batch_size, 1, 64, "The paper uses 4.")
+        check_range("learning rate", self.lr, 0, 1, "The paper uses 1e-3.", low_open=True)
+
+
+# The host reads the divergence flag every this many steps (one sync each), to stop soon after a NaN.
+CHECK_EVERY = 10
+
+
+class _LastGood:
+    """The residual's last state whose loss was finite, kept on the device: a copy per step and a device
+    flag, so nothing waits on the GPU; the host reads the flag only every CHECK_EVERY steps."""
+
+    def __init__(self, params: list[torch.Tensor]):
+        self.params = params
+        self.kept = [p.detach().clone() for p in params]
+        self.ok = torch.ones((), dtype=torch.bool, device=params[0].device)
+        self.kept_step = torch.zeros((), dtype=torch.long, device=params[0].device)
+
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        """Call before the optimiser step: the parameters now are those that produced `loss`."""
+        self.ok &= torch.isfinite(loss)
+        for kept, p in zip(self.kept, self.params, strict=True):
+            kept.copy_(torch.where(self.ok, p.detach(), kept))
+        self.kept_step.copy_(torch.where(self.ok, step, self.kept_step))
+
+    def check(self, losses: torch.Tensor, lr: float) -> None:
+        """Host check (syncs): if a loss was not finite, restore the kept state and raise."""
+        if bool(self.ok):
+            return
+        with torch.no_grad():
+            for kept, p in zip(self.kept, self.params, strict=True):
+                p.copy_(kept)
+        bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
+        step = bad[0] + 1 if bad else len(losses)
+        what = (f"the loss became {float(losses[bad[0]])} at step {step}" if bad else
+                f"the update of step {step} made the residual non-finite")
+        kept_step = int(self.kept_step)
+        raise TrainingDiverged(
+            f"Training stopped: {what}. The residual is put back to its state after step {kept_step}, which still "
+            f"gave a finite loss. Lower the learning rate (now {lr:g}), or train in float32 if the model runs in "
+            "float16.", step, kept_step,
+        )
 
 
 @dataclass
@@ -82,6 +119,8 @@ def fit(
     latents: [N, C, H, W], already scaled as the model expects. flipped_latents: the same images
     flipped, used when config.flip. on_step(step, losses) runs after each step with the loss history
     so far on the device (a place to report progress or raise to cancel). Returns the per-step losses.
+    A NaN or inf loss raises TrainingDiverged within CHECK_EVERY steps, with `parameters` put back to their
+    last state that gave a finite loss.
     """
     config = config or TrainConfig()
     config.check()
@@ -100,6 +139,7 @@ def fit(
 
     optimizer = torch.optim.AdamW(parameters, lr=config.lr)
     losses = torch.zeros(config.steps, device=device)
+    last_good = _LastGood(parameters)
     for step in range(config.steps):
         x0 = latents[index[step]]
         if flip is not None:
@@ -111,11 +151,17 @@ def fit(
             out = denoiser(x_t, t[step])
         loss = F.mse_loss(out.float(), target.float())
         loss.backward()
+        last_good.update(loss.detach(), step)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses[step] = loss.detach()
+        if (step + 1) % CHECK_EVERY == 0:
+            last_good.check(losses[: step + 1], config.lr)
         if on_step is not None:
             on_step(step, losses[: step + 1])
+    # The last update is checked on the parameters themselves (no later loss sees them).
+    last_good.ok &= torch.stack([torch.isfinite(p).all() for p in parameters]).all()
+    last_good.check(losses, config.lr)
     return losses.cpu()
 
 

@@ -199,3 +199,57 @@ def run(node, *args, **kwargs):
 
     with torch.inference_mode():
         return node.execute(*args, **kwargs).result
+
+
+def weights_hash(model) -> str:
+    """sha256 over every tensor of a ModelPatcher's model, names included: equal means bit-identical."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in model.model.state_dict().items():
+        h.update(name.encode() + t.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def ksample(model, positive, negative, cfg=4.0, steps=3, size=8, batch=1, seed=0):
+    """The stock KSampler's sampling (common_ksampler) on an empty latent, under inference mode as ComfyUI runs it."""
+    import torch
+
+    import nodes as comfy_nodes
+
+    latent = {"samples": torch.zeros(batch, 4, size, size)}
+    with torch.inference_mode():
+        return comfy_nodes.common_ksampler(model, seed, steps, cfg, "euler", "normal", positive, negative, latent)[0]["samples"]
+
+
+def stock_lora(model, residual, folder, name="r.safetensors"):
+    """The residual saved to `folder` and applied by ComfyUI's own LoRA loading (weights merged)."""
+    import comfy.sd
+    import comfy.utils
+    from personalized_residuals.residual_core import fileformat
+
+    path = folder / name
+    fileformat.save(residual, str(path))
+    return comfy.sd.load_lora_for_models(model, None, comfy.utils.load_torch_file(str(path), safe_load=True), 1.0, 0)[0]
+
+
+def train(model, clip, vae, images, **overrides):
+    """Train Personalized Residual as ComfyUI runs it (every input a list), with small, quick defaults."""
+    from personalized_residuals.nodes.train import TrainPersonalizedResidual
+
+    args = {"class_word": "dog", "identifier": "sks", "steps": 4, "learning_rate": 1e-3, "batch_size": 2,
+            "rank_fraction": 0.25, "seed": 0, "resolution": 64, "flip": False, "init": "zero", **overrides}
+    return run(TrainPersonalizedResidual, model=[model], clip=[clip], vae=[vae], images=images,
+               **{k: [v] for k, v in args.items()})
+
+
+def concept_residual(model, seed=0):
+    """A residual with random factors for `model`, made for the concept 'sks dog'."""
+    from personalized_residuals.nodes.comfy_model import targets_of
+    from personalized_residuals.residual_core import ResidualSet
+
+    residual = ResidualSet.for_targets(targets_of(model), 0.25, "random", seed)
+    residual.meta.class_word, residual.meta.identifier = "dog", "sks"
+    return residual

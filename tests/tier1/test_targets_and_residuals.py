@@ -88,3 +88,28 @@ def test_bad_rank_fraction_and_init_are_refused():
         ResidualSet.for_targets(targets, 0.0)
     with pytest.raises(ResidualError, match="init"):
         ResidualSet.for_targets(targets, init="gaussian")
+
+
+def test_sd15_residual_on_sd2_and_sdxl_shapes_is_refused_naming_both_families():
+    from personalized_residuals.bench.sd_unet import SDUNet
+    from personalized_residuals.residual_core import Target
+
+    sd15 = ResidualSet.for_targets(find_targets(sd15_shaped("meta")))
+    with torch.device("meta"):
+        sd2 = find_targets(SDUNet(model_channels=320, channel_mult=(1, 2, 4, 4), attention_levels=(0, 1, 2),
+                                  num_heads=8, context_dim=1024, use_linear=True))
+    assert model_family(sd2) == "sd2"
+    with pytest.raises(ResidualError, match="320x320 \\(conv\\) but the model's proj_out is 320x320 \\(linear\\).*"
+                                            "made for sd1, the model is sd2"):
+        sd15.check_fits(sd2)
+    sdxl = [Target(f"t{i}", f"lora_unet_x{i}_proj_out", ("input", i), False, d, d, 2) for i, d in
+            enumerate([640] * 5 + [1280] * 6)]
+    assert model_family(sdxl) == "sdxl"
+    with pytest.raises(ResidualError, match="has 16 proj_out layers but the model has 11 \\(sdxl\\); it was made for sd1"):
+        sd15.check_fits(sdxl)
+
+
+@pytest.mark.parametrize("value", [0.0, 1.5, float("nan"), float("inf"), -0.05])
+def test_rank_fraction_out_of_range_or_not_finite_is_refused(value):
+    with pytest.raises(ResidualError, match=f"rank_fraction must be in \\(0, 1\\], got {value!r}"):
+        ResidualSet.for_targets(find_targets(tiny_unet(False)), value)

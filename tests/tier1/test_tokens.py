@@ -1,6 +1,7 @@
 import pytest
 from helpers import CHUNK, WordTokenizer
 from personalized_residuals.residual_core import ResidualError, locate_concept
+from personalized_residuals.residual_core.words import identifier_warnings
 
 
 def test_identifier_and_class_word_positions():
@@ -38,3 +39,18 @@ def test_empty_or_untokenizable_words_are_refused():
         locate_concept(WordTokenizer(), "a sks dog", "sks", "  ")
     with pytest.raises(ResidualError, match="has no tokens"):
         locate_concept(WordTokenizer(), "a sks dog", "sks", "!!")
+
+
+@pytest.mark.parametrize("identifier,class_word,expected", [
+    ("sks", "dog", []),
+    ("zwx", "guitar amplifier", []),
+    ("photo", "dog", ["'photo' is a common word"]),
+    ("Red sks", "car", ["'red' is a common word"]),
+    ("xqz", "xqz", ["is the class word itself"]),
+    ("dog", "Dog", ["'dog' is a common word", "is the class word itself"]),
+])
+def test_common_word_identifiers_are_warned_about(identifier, class_word, expected):
+    lines = identifier_warnings(identifier, class_word)
+    assert len(lines) == len(expected)
+    for line, part in zip(lines, expected, strict=True):
+        assert part in line and "Pick a rare token" in line

@@ -12,6 +12,8 @@ from personalized_residuals.residual_core import (
     find_targets,
     train_residual,
 )
+from personalized_residuals.residual_core.errors import TrainingDiverged
+from personalized_residuals.residual_core.train import CHECK_EVERY
 
 ALPHAS = torch.cumprod(1 - torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2, 0)  # SD's scaled-linear schedule
 
@@ -90,13 +92,74 @@ def test_the_loss_target_follows_the_prediction_type(prediction):
     assert losses.max() < 1e-6
 
 
-def test_bad_settings_are_refused():
+def test_bad_prediction_or_latents_are_refused():
     unet, residual, latents, denoiser, _ = _setup()
-    for config, match in ((TrainConfig(steps=0), "steps"), (TrainConfig(batch_size=0), "batch_size"),
-                          (TrainConfig(lr=0), "lr")):
-        with pytest.raises(ResidualError, match=match):
-            train_residual(residual, unet, denoiser, latents, ALPHAS, config=config)
     with pytest.raises(ResidualError, match="prediction"):
         train_residual(residual, unet, denoiser, latents, ALPHAS, "x0")
     with pytest.raises(ResidualError, match="latents"):
         train_residual(residual, unet, denoiser, latents[0], ALPHAS)
+
+
+def _poisoned(denoiser, at_step, value, calls):
+    """The denoiser, returning `value` everywhere from step `at_step` (0-based) on."""
+
+    def run(x_t, t):
+        calls.append(1)
+        out = denoiser(x_t, t)
+        return out * value if len(calls) > at_step else out
+
+    return run
+
+
+@pytest.mark.parametrize("at_step,value", [(0, float("nan")), (13, float("inf")), (25, float("nan"))])
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_residual(at_step, value):
+    config = TrainConfig(steps=40, lr=1e-2, seed=3)
+    unet, residual, latents, denoiser, _ = _setup()
+    before = _checksum(unet)
+    snapshots = {0: [p.detach().clone() for p in residual.parameters()]}
+
+    def keep(step, losses):  # the state after step + 1 updates, from a clean run of the same config
+        snapshots[step + 1] = [p.detach().clone() for p in residual.parameters()]
+
+    train_residual(residual, unet, denoiser, latents, ALPHAS, config=config, on_step=keep)
+
+    unet, residual, latents, denoiser, _ = _setup()
+    calls = []
+    with pytest.raises(TrainingDiverged, match=f"loss became {value} at step {at_step + 1}. The residual is put back "
+                                               f"to its state after step {max(at_step - 1, 0)}.*Lower the learning rate") as e:
+        train_residual(residual, unet, _poisoned(denoiser, at_step, value, calls), latents, ALPHAS, config=config)
+    assert e.value.step == at_step + 1 and e.value.kept_step == max(at_step - 1, 0)
+    kept = snapshots[max(at_step - 1, 0)]
+    assert all(torch.equal(p, k) for p, k in zip(residual.parameters(), kept, strict=True)), "bit-identical"
+    assert len(calls) == (at_step // CHECK_EVERY + 1) * CHECK_EVERY, "stops at the first check after the NaN"
+    assert _checksum(unet) == before and not any(m._forward_hooks for m in unet.modules())
+    assert not any(p.requires_grad for p in residual.parameters())
+
+
+def test_an_update_that_blows_up_on_the_last_step_is_caught_too(monkeypatch):
+    unet, residual, latents, denoiser, _ = _setup()
+    config = TrainConfig(steps=3)
+    step = torch.optim.AdamW.step
+    count = []
+
+    def last_step_explodes(self, *args, **kwargs):
+        count.append(1)
+        out = step(self, *args, **kwargs)
+        if len(count) == config.steps:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", last_step_explodes)
+    with pytest.raises(TrainingDiverged, match="the update of step 3 made the residual non-finite.*state after step 2"):
+        train_residual(residual, unet, denoiser, latents, ALPHAS, config=config)
+    assert all(torch.isfinite(p).all() for p in residual.parameters())
+
+
+@pytest.mark.parametrize("field,value", [("steps", 0), ("steps", 10**6), ("batch_size", 0), ("batch_size", 65),
+                                         ("lr", 0.0), ("lr", 2.0), ("lr", float("nan")), ("lr", float("inf"))])
+def test_settings_out_of_range_or_not_finite_are_refused(field, value):
+    unet, residual, latents, denoiser, _ = _setup()
+    name = "learning rate" if field == "lr" else field
+    with pytest.raises(ResidualError, match=f"{name} must be in .*got {value!r}"):
+        train_residual(residual, unet, denoiser, latents, ALPHAS, config=TrainConfig(**{field: value}))

@@ -7,11 +7,10 @@ import comfy.lora
 import folder_paths
 import pytest
 import torch
-from comfy_env import run
+from comfy_env import run, train
 from personalized_residuals.nodes import NODES
 from personalized_residuals.nodes.files import LoadResidual, SaveResidual
 from personalized_residuals.nodes.lag import LagMaskPreview, LagSampler
-from personalized_residuals.nodes.train import TrainPersonalizedResidual
 from personalized_residuals.residual_core import ResidualError, ResidualSet, find_targets
 
 import nodes as comfy_nodes
@@ -26,12 +25,7 @@ NODE_IDS = {
 }
 
 
-def _train(model, clip, vae, images=None, **overrides):
-    args = {"class_word": "dog", "identifier": "sks", "steps": 4, "learning_rate": 1e-3, "batch_size": 2,
-            "rank_fraction": 0.25, "seed": 0, "resolution": 64, "flip": False, "init": "zero", **overrides}
-    images = images if images is not None else [torch.rand(2, 64, 64, 3), torch.rand(1, 80, 48, 3)]
-    return run(TrainPersonalizedResidual, model=[model], clip=[clip], vae=[vae], images=images,
-               **{k: [v] for k, v in args.items()})
+PHOTOS = [torch.rand(2, 64, 64, 3), torch.rand(1, 96, 64, 3)]  # a list of two sizes, as from a folder
 
 
 def test_comfyuis_own_loader_registers_the_five_nodes():
@@ -54,7 +48,7 @@ def test_stable_ids_and_a_tooltip_on_every_input_and_output():
 
 
 def test_train_save_load_and_sample_like_a_user(sd15, clip, vae, loras_dir):
-    residual, curve = _train(sd15, clip, vae)
+    residual, curve = train(sd15, clip, vae, PHOTOS)
     assert curve.shape == (1, 360, 640, 3) and residual.meta.class_word == "dog"
     assert residual.meta.base_family.startswith("custom-16x")  # SD1.5's 16 blocks at test widths
     name = run(SaveResidual, residual, "")[0]
@@ -81,7 +75,7 @@ def test_train_save_load_and_sample_like_a_user(sd15, clip, vae, loras_dir):
 
 
 def test_stock_lora_loader_applies_a_saved_residual_to_all_16_sd15_proj_out_keys(sd15, clip, vae, loras_dir):
-    residual, _ = _train(sd15, clip, vae, init="random")
+    residual, _ = train(sd15, clip, vae, PHOTOS, init="random")
     name = run(SaveResidual, residual, "stock")[0]
     m = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(sd15, name, 1.0)[0]
     keys = sorted(k for k in m.patches if k.endswith("proj_out.weight"))
@@ -94,11 +88,11 @@ def test_stock_lora_loader_applies_a_saved_residual_to_all_16_sd15_proj_out_keys
 
 
 def test_users_get_errors_that_name_the_input_and_the_fix(sd15, clip, vae, sdxl, loras_dir):
-    with pytest.raises(ResidualError, match="No concept photos"):
-        _train(sd15, clip, vae, images=[])
+    with pytest.raises(ResidualError, match="images: no photos"):
+        train(sd15, clip, vae, [])
     with pytest.raises(ResidualError, match="class_word and identifier must not be empty"):
-        _train(sd15, clip, vae, class_word=" ")
-    residual, _ = _train(sd15, clip, vae, steps=1)
+        train(sd15, clip, vae, PHOTOS, class_word=" ")
+    residual, _ = train(sd15, clip, vae, PHOTOS, steps=1)
     with pytest.raises(ResidualError, match="class word 'dog' is not in the prompt"):
         run(LagSampler, sd15, residual, clip, "a photo of a sks cat", 1.0, "LAG", "max_fraction", 0.5, 0.0, 1.0)
     sdxl_residual = ResidualSet.for_targets(find_targets(sdxl.model.diffusion_model))

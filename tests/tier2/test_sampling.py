@@ -1,25 +1,17 @@
 """LAG inside ComfyUI's real sampling path: invariants, chaining with other patches, every sampler entry."""
 
-import hashlib
-
 import comfy.samplers
 import pytest
 import torch
-from comfy_env import run
+from comfy_env import concept_residual, ksample, run, stock_lora, weights_hash
 from comfy_extras.nodes_custom_sampler import Noise_RandomNoise, SamplerCustomAdvanced
 from personalized_residuals.nodes.comfy_model import targets_of
 from personalized_residuals.nodes.lag import LagSampler
-from personalized_residuals.residual_core import ResidualSet, fileformat, lag
+from personalized_residuals.residual_core import lag
 
 import nodes as comfy_nodes
 
 PROMPT = "a photo of a sks dog on the beach"
-
-
-def _residual(model, seed=0):
-    residual = ResidualSet.for_targets(targets_of(model), 0.25, "random", seed)
-    residual.meta.class_word, residual.meta.identifier = "dog", "sks"
-    return residual
 
 
 def _lag(model, residual, clip, mode="LAG", **kw):
@@ -28,53 +20,30 @@ def _lag(model, residual, clip, mode="LAG", **kw):
     return run(LagSampler, model, residual, clip, PROMPT, mode=mode, **args)
 
 
-def _ksample(model, positive, negative, cfg=4.0, steps=3, size=8, batch=1, seed=0):
-    latent = {"samples": torch.zeros(batch, 4, size, size)}
-    with torch.inference_mode():  # as ComfyUI runs every node
-        return comfy_nodes.common_ksampler(model, seed, steps, cfg, "euler", "normal", positive, negative, latent)[0]["samples"]
-
-
-def _weights_hash(model):
-    h = hashlib.sha256()
-    for name, t in model.model.state_dict().items():
-        h.update(name.encode() + t.detach().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _stock_lora(model, residual, tmp_path, name="r.safetensors"):
-    """The residual as the stock LoraLoaderModelOnly applies it (weights merged)."""
-    import comfy.sd
-    import comfy.utils
-
-    path = tmp_path / name
-    fileformat.save(residual, str(path))
-    return comfy.sd.load_lora_for_models(model, None, comfy.utils.load_torch_file(str(path), safe_load=True), 1.0, 0)[0]
-
-
 @pytest.fixture
 def negative(clip):
     return comfy_nodes.CLIPTextEncode().encode(clip, "")[0]
 
 
 def test_mask_of_ones_is_the_stock_lora_and_zeros_the_base_exactly(sd15, clip, negative, tmp_path, monkeypatch):
-    residual = _residual(sd15)
-    base = _ksample(sd15, *_lag(sd15, residual, clip, strength=0.0)[1:], negative)
+    residual = concept_residual(sd15)
+    base = ksample(sd15, *_lag(sd15, residual, clip, strength=0.0)[1:], negative)
     m, positive = _lag(sd15, residual, clip)
-    stock = _ksample(_stock_lora(sd15, residual, tmp_path), positive, negative)
+    stock = ksample(stock_lora(sd15, residual, tmp_path), positive, negative)
     monkeypatch.setattr(lag, "threshold", lambda a, rule, value: torch.ones_like(a))
-    ones = _ksample(m, positive, negative)
+    ones = ksample(m, positive, negative)
     monkeypatch.setattr(lag, "threshold", lambda a, rule, value: torch.zeros_like(a))
-    zeros = _ksample(m, positive, negative)
-    plain = _ksample(sd15, positive, negative)
+    zeros = ksample(m, positive, negative)
+    plain = ksample(sd15, positive, negative)
     assert torch.equal(zeros, plain) and torch.equal(base, plain)
     assert (stock - plain).abs().max() > 1e-2, "the residual must matter for this test to mean anything"
     assert torch.allclose(ones, stock, atol=1e-4)
-    global_ = _ksample(_lag(sd15, residual, clip, mode="global")[0], positive, negative)
+    global_ = ksample(_lag(sd15, residual, clip, mode="global")[0], positive, negative)
     assert torch.allclose(global_, stock, atol=1e-4)
 
 
 def test_unconditional_rows_reuse_the_mask_of_the_conditional_rows(sd15, clip, negative, monkeypatch):
-    m, positive = _lag(sd15, _residual(sd15), clip, mask_rule="soft", mask_value=1.0)
+    m, positive = _lag(sd15, concept_residual(sd15), clip, mask_rule="soft", mask_value=1.0)
     calls = []
     original = lag.LagSession.mask
 
@@ -84,7 +53,7 @@ def test_unconditional_rows_reuse_the_mask_of_the_conditional_rows(sd15, clip, n
         return out
 
     monkeypatch.setattr(lag.LagSession, "mask", spy)
-    _ksample(m, positive, negative, batch=2)
+    ksample(m, positive, negative, batch=2)
     mixed = [mask for chunks, mask in calls if sorted(chunks) == [0, 1]]
     assert mixed, "ComfyUI batched cond and uncond rows together"
     for mask in mixed:
@@ -97,22 +66,22 @@ def test_unconditional_rows_reuse_the_mask_of_the_conditional_rows(sd15, clip, n
 def test_linear_proj_out_families_record_a_mask_in_every_block(family, request, clip_sd2, clip_sdxl):
     model = request.getfixturevalue(family)
     clip = clip_sd2 if family == "sd2_v" else clip_sdxl
-    m, positive = _lag(model, _residual(model), clip)
+    m, positive = _lag(model, concept_residual(model), clip)
     negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
-    before = _weights_hash(model)
-    out = _ksample(m, positive, negative)
+    before = weights_hash(model)
+    out = ksample(m, positive, negative)
     masks = m.attachments["personalized_residuals.lag.0"].session.mean_masks()
     assert len(masks) == len(targets_of(model)) and torch.isfinite(out).all()
-    assert not torch.equal(out, _ksample(model, positive, negative))
-    assert _weights_hash(model) == before
+    assert not torch.equal(out, ksample(model, positive, negative))
+    assert weights_hash(model) == before
 
 
 def test_a_stock_lora_on_the_same_proj_out_still_applies(sd15, clip, negative, tmp_path, monkeypatch):
-    lora_model = _stock_lora(sd15, _residual(sd15, seed=9), tmp_path, "other.safetensors")
+    lora_model = stock_lora(sd15, concept_residual(sd15, seed=9), tmp_path, "other.safetensors")
     monkeypatch.setattr(lag, "threshold", lambda a, rule, value: torch.zeros_like(a))
-    m, positive = _lag(lora_model, _residual(sd15), clip)
-    assert torch.equal(_ksample(m, positive, negative), _ksample(lora_model, positive, negative))
-    assert not torch.equal(_ksample(m, positive, negative), _ksample(sd15, positive, negative))
+    m, positive = _lag(lora_model, concept_residual(sd15), clip)
+    assert torch.equal(ksample(m, positive, negative), ksample(lora_model, positive, negative))
+    assert not torch.equal(ksample(m, positive, negative), ksample(sd15, positive, negative))
 
 
 def test_an_earlier_attn2_replace_patch_still_runs(sd15, clip, negative):
@@ -126,15 +95,15 @@ def test_an_earlier_attn2_replace_patch_still_runs(sd15, clip, negative):
 
     patched = sd15.clone()
     patched.set_model_attn2_replace(replace, "input", 1)
-    m, positive = _lag(patched, _residual(sd15), clip)
-    out = _ksample(m, positive, negative)
+    m, positive = _lag(patched, concept_residual(sd15), clip)
+    out = ksample(m, positive, negative)
     assert calls and set(calls) == {("input", 1)}
-    assert torch.equal(out, _ksample(_lag(sd15, _residual(sd15), clip)[0], positive, negative))
+    assert torch.equal(out, ksample(_lag(sd15, concept_residual(sd15), clip)[0], positive, negative))
 
 
 def test_ksampler_advanced_and_sampler_custom_advanced_work_and_the_base_stays_bit_identical(sd15, clip, negative):
-    before = _weights_hash(sd15)
-    m, positive = _lag(sd15, _residual(sd15), clip)
+    before = weights_hash(sd15)
+    m, positive = _lag(sd15, concept_residual(sd15), clip)
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
     adv = comfy_nodes.KSamplerAdvanced().sample(m, "enable", 0, 4, 4.0, "euler", "normal", positive, negative, latent,
                                                  1, 3, "disable")[0]["samples"]
@@ -145,20 +114,20 @@ def test_ksampler_advanced_and_sampler_custom_advanced_work_and_the_base_stays_b
     custom = SamplerCustomAdvanced().sample(Noise_RandomNoise(0), guider, comfy.samplers.sampler_object("euler"),
                                             sigmas, latent)[0]["samples"]
     assert torch.isfinite(adv).all() and torch.isfinite(custom).all()
-    assert torch.allclose(custom, _ksample(m, positive, negative), atol=1e-5), "same sampling, same result"
+    assert torch.allclose(custom, ksample(m, positive, negative), atol=1e-5), "same sampling, same result"
     assert m.attachments["personalized_residuals.lag.0"].session.mean_masks()
-    assert _weights_hash(sd15) == before
+    assert weights_hash(sd15) == before
 
 
-def test_start_and_end_percent_gate_the_residual(sd15, clip, negative):
-    residual = _residual(sd15)
+def test_start_and_end_percent_gate_theconcept_residual(sd15, clip, negative):
+    residual = concept_residual(sd15)
     full, positive = _lag(sd15, residual, clip)
     sampling = sd15.get_model_object("model_sampling")
     sigmas = comfy.samplers.calculate_sigmas(sampling, "normal", 3)[:-1]  # the 3 steps' sigmas
     between = _lag(sd15, residual, clip, start_percent=0.9, end_percent=0.95)[0]
     assert not any(sampling.percent_to_sigma(0.95) <= s <= sampling.percent_to_sigma(0.9) for s in sigmas.tolist())
     first = _lag(sd15, residual, clip, start_percent=0.0, end_percent=0.01)[0]
-    plain, full = _ksample(sd15, positive, negative), _ksample(full, positive, negative)
-    assert torch.equal(_ksample(between, positive, negative), plain), "no step in the window: the base model"
-    first = _ksample(first, positive, negative)
+    plain, full = ksample(sd15, positive, negative), ksample(full, positive, negative)
+    assert torch.equal(ksample(between, positive, negative), plain), "no step in the window: the base model"
+    first = ksample(first, positive, negative)
     assert not torch.equal(first, plain) and not torch.equal(first, full), "only the first step in the window"

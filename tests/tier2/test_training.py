@@ -1,14 +1,11 @@
 """Training inside ComfyUI: it learns, it is reproducible, Cancel stops it cleanly, every family trains."""
 
-import hashlib
-
 import comfy.model_management
 import comfy.utils
 import pytest
 import torch
-from comfy_env import run
+from comfy_env import train, weights_hash
 from personalized_residuals.nodes.comfy_model import targets_of
-from personalized_residuals.nodes.train import TrainPersonalizedResidual
 from personalized_residuals.residual_core import ResidualSet, attach
 from personalized_residuals.residual_core.images import square_batch
 
@@ -16,17 +13,7 @@ IMAGES = [torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(0))]
 
 
 def _train(model, clip, vae, **overrides):
-    args = {"class_word": "dog", "identifier": "sks", "steps": 4, "learning_rate": 1e-3, "batch_size": 2,
-            "rank_fraction": 0.25, "seed": 0, "resolution": 64, "flip": False, "init": "zero", **overrides}
-    return run(TrainPersonalizedResidual, model=[model], clip=[clip], vae=[vae], images=IMAGES,
-               **{k: [v] for k, v in args.items()})[0]
-
-
-def _weights_hash(model):
-    h = hashlib.sha256()
-    for name, t in model.model.state_dict().items():
-        h.update(name.encode() + t.detach().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return train(model, clip, vae, IMAGES, **overrides)[0]
 
 
 def _eps_loss_on_a_fixed_batch(model, clip, vae, residual):
@@ -54,15 +41,15 @@ def test_training_lowers_the_loss_on_a_fixed_batch(sd15, clip, vae):
 
 
 def test_same_seed_gives_a_bit_identical_residual_and_the_model_is_untouched(sd15, clip, vae):
-    before = _weights_hash(sd15)
+    before = weights_hash(sd15)
     runs = [_train(sd15, clip, vae, seed=s, flip=True) for s in (3, 3, 4)]
     flat = [torch.cat([p.flatten() for p in r.parameters()]) for r in runs]
     assert torch.equal(flat[0], flat[1]) and not torch.equal(flat[0], flat[2])
-    assert _weights_hash(sd15) == before
+    assert weights_hash(sd15) == before
 
 
 def test_cancel_stops_within_a_step_and_leaves_the_model_as_it_was(sd15, clip, vae, monkeypatch):
-    before = _weights_hash(sd15)
+    before = weights_hash(sd15)
     params = list(sd15.model.parameters())
     steps = []
     update = comfy.utils.ProgressBar.update
@@ -80,7 +67,7 @@ def test_cancel_stops_within_a_step_and_leaves_the_model_as_it_was(sd15, clip, v
     assert not comfy.model_management.processing_interrupted()
     assert all(a is b for a, b in zip(params, sd15.model.parameters(), strict=True)), "original tensors back in place"
     assert not any(m._forward_hooks for m in sd15.model.modules()), "no hook left behind"
-    assert _weights_hash(sd15) == before
+    assert weights_hash(sd15) == before
 
 
 @pytest.mark.parametrize("family,clip_fixture,layers", [("sd2_v", "clip_sd2", 16), ("sdxl", "clip_sdxl", 11)])
