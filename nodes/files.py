@@ -76,7 +76,8 @@ class SaveResidual(io.ComfyNode):
         filename = f"{stem}_{counter:05}.safetensors"
         fileformat.save(residual, os.path.join(folder, filename))
         name = f"{SUBFOLDER}/{filename}"
-        return io.NodeOutput(name, ui=ui.PreviewText(f"saved models/loras/{name}"))
+        # residual_name is for API clients (in /history): the file's name as Load Residual lists it.
+        return io.NodeOutput(name, ui={**ui.PreviewText(f"saved models/loras/{name}").as_dict(), "residual_name": [filename]})
 
 
 class LoadResidual(io.ComfyNode):
