@@ -37,7 +37,7 @@ OUTPUTS = {
 # Each node type's size in the UI (the frontend enlarges a node that is too small for its widgets).
 SIZES = {
     "CheckpointLoaderSimple": (320, 100), "LoadImageSetFromFolderNode": (320, 90), "PersonalizedResidualTrain": (320, 380),
-    "PersonalizedResidualSave": (300, 80), "PersonalizedResidualLoad": (320, 110), "PersonalizedResidualLAGSampler": (400, 300),
+    "PersonalizedResidualSave": (360, 80), "PersonalizedResidualLoad": (320, 110), "PersonalizedResidualLAGSampler": (400, 300),
     "PersonalizedResidualLAGMaskPreview": (300, 320), "LoraLoaderModelOnly": (320, 90), "CLIPTextEncode": (400, 150),
     "EmptyLatentImage": (320, 110), "KSampler": (300, 270), "VAEDecode": (200, 50), "SaveImage": (300, 320),
     "PreviewImage": (420, 300),
@@ -98,15 +98,15 @@ def training(first_id, ckpt):
              {"model": (ckpt, 0), "clip": (ckpt, 1), "vae": (ckpt, 2), "images": (i, 0)},
              {"class_word": "dog", "identifier": "sks", "steps": 150, "learning_rate": 0.001, "batch_size": 4,
               "rank_fraction": 0.05, "seed": 0, "resolution": 512, "flip": False, "init": "zero"}),
-        Node(i + 2, "PreviewImage", (760, 200), {"images": (i + 1, 1)}, title="loss curve"),
+        Node(i + 2, "PreviewImage", (760, 260), {"images": (i + 1, 1)}, title="loss curve"),
         Node(i + 3, "PersonalizedResidualSave", (760, 80), {"residual": (i + 1, 0)}, {"filename_prefix": ""}),
     ]
 
 
 WORKFLOWS = {
     # Train, save, and sample with LAG in one graph (the README's example): training above, sampling below.
-    "train_and_sample": [checkpoint(1, (40, 80)), *training(2, 1), lag_sampler(6, (40, 560), (1, 0), (3, 0), (1, 1)),
-                         *sampling(7, 40, 560, (6, 0), (6, 1), (1, 1), (1, 2))],
+    "train_and_sample": [checkpoint(1, (40, 80)), *training(2, 1), lag_sampler(6, (40, 620), (1, 0), (3, 0), (1, 1)),
+                         *sampling(7, 40, 620, (6, 0), (6, 1), (1, 1), (1, 2))],
     # Train and save only.
     "train_and_save": [checkpoint(1, (40, 80)), *training(2, 1)],
     # Load a saved residual and sample it with LAG.

@@ -4,7 +4,8 @@ server (comfy_server.py), in headless Chromium driven by Playwright.
 Each workflow file is opened as a user opens one (Workflow > Open: the page's file input) and must raise
 no missing-node dialog and no invalid-workflow alert; its nodes must be registered and show their widgets,
 holding the values of the file's API twin. One workflow is queued with the Run button and watched to the
-end on the page. Set PERSONALIZED_RESIDUALS_SCREENSHOT=docs/web-ui.png to keep the final screenshot.
+end on the page, where Save Residual then shows the file's name (the pack's web/save_residual.js).
+Set PERSONALIZED_RESIDUALS_SCREENSHOT=docs/web-ui.png to keep the final screenshot.
 """
 
 import json
@@ -144,6 +145,9 @@ def test_queue_from_the_page_and_watch_it_finish(page, client, comfy_server, tmp
     assert history["status"]["status_str"] == "success"
     saved = history["outputs"][ids[f"{OURS}Save"]]["residual_name"][0]
     assert (comfy_server.loras / saved).is_file()
+    shown_name = page.evaluate("id => app.graph.getNodeById(id).widgets.find(w => w.name === 'saved')?.value",
+                               int(ids[f"{OURS}Save"]))  # web/save_residual.js
+    assert shown_name == f"saved models/loras/personalized_residuals/{saved}"
 
     page.evaluate("() => app.extensionManager.command.execute('Comfy.Canvas.FitView')")
     page.wait_for_timeout(1000)
