@@ -37,7 +37,8 @@ def steps_reported(run, node_id):
 def assert_succeeded(run):
     assert run.error is None, run.error
     assert run.history["status"]["status_str"] == "success"
-    assert [e["type"] for e in run.events][0] == "execution_start" and "execution_success" in [e["type"] for e in run.events]
+    types = [e["type"] for e in run.events]
+    assert types[0] == "execution_start" and "execution_success" in types
 
 
 def test_train_and_save_writes_the_residual_with_its_metadata_and_the_loss_curve(trained, client, comfy_server):
