@@ -23,9 +23,9 @@ except ImportError:
 
 CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or shutil.which("chromium-browser")
 if sync_playwright is None or CHROMIUM is None:
-    missing = "the playwright package (tests/run.sh installs it)" if sync_playwright is None else \
-        "a chromium binary (apt-get install chromium, or set CHROMIUM_PATH)"
-    pytest.skip(f"BROWSER TESTS SKIPPED: no {missing}", allow_module_level=True)
+    why = "the playwright package is missing (tests/run.sh installs it)" if sync_playwright is None else \
+        "no chromium (apt-get install chromium, or set CHROMIUM_PATH)"
+    pytest.skip(f"BROWSER TESTS SKIPPED: {why}", allow_module_level=True)
 
 pytestmark = pytest.mark.server
 FOLDER = Path(__file__).resolve().parents[2] / "workflows"
