@@ -5,6 +5,8 @@ ComfyUI loads this folder as a package and awaits comfy_entrypoint(). The nodes 
 so the plain-torch core (residual_core) also imports where ComfyUI is absent.
 """
 
+WEB_DIRECTORY = "./web"  # the web UI's side: Save Residual shows the saved file's name
+
 
 async def comfy_entrypoint():
     try:

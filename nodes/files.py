@@ -93,7 +93,8 @@ class SaveResidual(io.ComfyNode):
         else:
             raise ResidualError(f"Save Residual: no free file name for {stem!r}; use another filename_prefix.")
         name = f"{SUBFOLDER}/{filename}"
-        return io.NodeOutput(name, ui=ui.PreviewText(f"saved models/loras/{name}"))
+        # residual_name is for API clients (in /history): the file's name as Load Residual lists it.
+        return io.NodeOutput(name, ui={**ui.PreviewText(f"saved models/loras/{name}").as_dict(), "residual_name": [filename]})
 
 
 class LoadResidual(io.ComfyNode):

@@ -1,9 +1,13 @@
-"""Writes the example workflows, each in ComfyUI's UI format (drag into the browser) and API format
-(POST to /prompt), from one description so the twins never drift apart.
+"""Writes the example workflows, each in ComfyUI's UI format (drag into the browser, or pick it from the
+template browser: workflows/NAME.json) and API format (POST to /prompt: workflows/api/NAME.json), from
+one description so the twins never drift apart.
 
     python workflows/make_workflows.py
 
-Tier-2 tests check every file against the node definitions of the real ComfyUI.
+The API twins sit in a subfolder because ComfyUI lists every *.json directly in workflows/ as a
+template, and an API-format graph can't be opened as one. Tier-2 tests check every file against the
+node definitions of the real ComfyUI, in-process and through a running server, and open the UI files
+in the real frontend.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ OUTPUTS = {
                                  ("identifier", "STRING")],
     "PersonalizedResidualLAGSampler": [("model", "MODEL"), ("positive", "CONDITIONING")],
     "PersonalizedResidualLAGMaskPreview": [("mask_preview", "IMAGE")],
+    "LoraLoaderModelOnly": [("MODEL", "MODEL")],
     "CLIPTextEncode": [("CONDITIONING", "CONDITIONING")],
     "EmptyLatentImage": [("LATENT", "LATENT")],
     "KSampler": [("LATENT", "LATENT")],
@@ -29,8 +34,20 @@ OUTPUTS = {
     "SaveImage": [],
     "PreviewImage": [],
 }
-# Widgets followed in the UI format by a hidden "control after generate" value.
-CONTROL_AFTER_GENERATE = {("KSampler", "seed")}
+# Each node type's size in the UI (the frontend enlarges a node that is too small for its widgets).
+SIZES = {
+    "CheckpointLoaderSimple": (320, 100), "LoadImageSetFromFolderNode": (320, 90), "PersonalizedResidualTrain": (320, 380),
+    "PersonalizedResidualSave": (360, 80), "PersonalizedResidualLoad": (320, 110), "PersonalizedResidualLAGSampler": (400, 300),
+    "PersonalizedResidualLAGMaskPreview": (300, 320), "LoraLoaderModelOnly": (320, 90), "CLIPTextEncode": (400, 150),
+    "EmptyLatentImage": (320, 110), "KSampler": (300, 270), "VAEDecode": (200, 50), "SaveImage": (300, 320),
+    "PreviewImage": (420, 300),
+}
+# Widgets followed in the UI format by a "control after generate" value: the frontend adds that widget to
+# every INT input named seed or noise_seed (unless the schema says otherwise), ours included.
+CONTROL_AFTER_GENERATE = {("KSampler", "seed"), ("PersonalizedResidualTrain", "seed")}
+CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+RESIDUAL = "sks_dog_00001.safetensors"  # what train_and_save writes first
+PROMPT = "a photo of a sks dog on the beach"
 
 
 @dataclass
@@ -44,57 +61,67 @@ class Node:
 
 
 def checkpoint(id, pos):
-    return Node(id, "CheckpointLoaderSimple", pos, widgets={"ckpt_name": "v1-5-pruned-emaonly.safetensors"})
+    return Node(id, "CheckpointLoaderSimple", pos, widgets={"ckpt_name": CHECKPOINT})
 
 
-def lag_sampler(id, pos, model, residual, clip, prompt):
+def lag_sampler(id, pos, model, residual, clip):
     return Node(id, "PersonalizedResidualLAGSampler", pos, {"model": model, "residual": residual, "clip": clip}, {
-        "prompt": prompt, "strength": 1.0, "mode": "LAG", "mask_rule": "max_fraction", "mask_value": 0.5,
+        "prompt": PROMPT, "strength": 1.0, "mode": "LAG", "mask_rule": "max_fraction", "mask_value": 0.5,
         "start_percent": 0.0, "end_percent": 1.0})
 
 
-def sampling(first_id, x, lag, clip, vae):
-    """Negative prompt, empty latent, KSampler, decode, save, and the LAG mask preview."""
+def sampling(first_id, x, y, model, positive, clip, vae, mask_preview=True):
+    """Negative prompt, empty latent, KSampler, decode, save and (for LAG) the mask preview, laid out beside
+    the node at (x, y) that gives the positive prompt."""
     i = first_id
-    return [
-        Node(i, "CLIPTextEncode", (x, 560), {"clip": clip}, {"text": "blurry, low quality"}, title="negative"),
-        Node(i + 1, "EmptyLatentImage", (x, 760), widgets={"width": 512, "height": 512, "batch_size": 1}),
-        Node(i + 2, "KSampler", (x + 420, 200), {"model": (lag, 0), "positive": (lag, 1), "negative": (i, 0),
-                                                 "latent_image": (i + 1, 0)},
+    nodes = [
+        Node(i, "CLIPTextEncode", (x, y + 340), {"clip": clip}, {"text": "blurry, low quality"}, title="negative"),
+        Node(i + 1, "EmptyLatentImage", (x + 440, y + 340), widgets={"width": 512, "height": 512, "batch_size": 1}),
+        Node(i + 2, "KSampler", (x + 440, y), {"model": model, "positive": positive, "negative": (i, 0),
+                                               "latent_image": (i + 1, 0)},
              {"seed": 0, "steps": 30, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}),
-        Node(i + 3, "VAEDecode", (x + 780, 200), {"samples": (i + 2, 0), "vae": vae}),
-        Node(i + 4, "SaveImage", (x + 1060, 200), {"images": (i + 3, 0)}, {"filename_prefix": "personalized"}),
-        Node(i + 5, "PersonalizedResidualLAGMaskPreview", (x + 780, 420),
-             {"model": (lag, 0), "latent": (i + 2, 0), "images": (i + 3, 0)}),
+        Node(i + 3, "VAEDecode", (x + 780, y), {"samples": (i + 2, 0), "vae": vae}),
+        Node(i + 4, "SaveImage", (x + 780, y + 120), {"images": (i + 3, 0)}, {"filename_prefix": "personalized"}),
     ]
+    if mask_preview:
+        nodes.append(Node(i + 5, "PersonalizedResidualLAGMaskPreview", (x + 1120, y + 120),
+                          {"model": model, "latent": (i + 2, 0), "images": (i + 3, 0)}))
+    return nodes
 
 
 def training(first_id, ckpt):
     i = first_id
     return [
-        Node(i, "LoadImageSetFromFolderNode", (40, 420), widgets={"folder": "concept", "resize_method": "None"},
+        Node(i, "LoadImageSetFromFolderNode", (40, 220), widgets={"folder": "concept", "resize_method": "None"},
              title="concept photos (input/concept/)"),
-        Node(i + 1, "PersonalizedResidualTrain", (420, 420),
+        Node(i + 1, "PersonalizedResidualTrain", (400, 80),
              {"model": (ckpt, 0), "clip": (ckpt, 1), "vae": (ckpt, 2), "images": (i, 0)},
              {"class_word": "dog", "identifier": "sks", "steps": 150, "learning_rate": 0.001, "batch_size": 4,
               "rank_fraction": 0.05, "seed": 0, "resolution": 512, "flip": False, "init": "zero"}),
-        Node(i + 2, "PreviewImage", (800, 620), {"images": (i + 1, 1)}, title="loss curve"),
-        Node(i + 3, "PersonalizedResidualSave", (800, 420), {"residual": (i + 1, 0)}, {"filename_prefix": ""}),
+        Node(i + 2, "PreviewImage", (760, 260), {"images": (i + 1, 1)}, title="loss curve"),
+        Node(i + 3, "PersonalizedResidualSave", (760, 80), {"residual": (i + 1, 0)}, {"filename_prefix": ""}),
     ]
 
 
-PROMPT = "a photo of a sks dog on the beach"
 WORKFLOWS = {
-    # Train, save, and sample in one graph (the README's example).
-    "train_and_sample": [checkpoint(1, (40, 200)), *training(2, 1),
-                         lag_sampler(6, (1200, 200), (1, 0), (3, 0), (1, 1), PROMPT), *sampling(7, 1200, 6, (1, 1), (1, 2))],
+    # Train, save, and sample with LAG in one graph (the README's example): training above, sampling below.
+    "train_and_sample": [checkpoint(1, (40, 80)), *training(2, 1), lag_sampler(6, (40, 620), (1, 0), (3, 0), (1, 1)),
+                         *sampling(7, 40, 620, (6, 0), (6, 1), (1, 1), (1, 2))],
     # Train and save only.
-    "train_and_save": [checkpoint(1, (40, 200)), *training(2, 1)],
+    "train_and_save": [checkpoint(1, (40, 80)), *training(2, 1)],
     # Load a saved residual and sample it with LAG.
     "load_and_sample": [
-        checkpoint(1, (40, 200)),
-        Node(2, "PersonalizedResidualLoad", (40, 420), widgets={"residual_name": "sks_dog_00001.safetensors"}),
-        lag_sampler(3, (420, 200), (1, 0), (2, 0), (1, 1), PROMPT), *sampling(4, 420, 3, (1, 1), (1, 2)),
+        checkpoint(1, (40, 80)),
+        Node(2, "PersonalizedResidualLoad", (40, 220), widgets={"residual_name": RESIDUAL}),
+        lag_sampler(3, (400, 80), (1, 0), (2, 0), (1, 1)), *sampling(4, 400, 80, (3, 0), (3, 1), (1, 1), (1, 2)),
+    ],
+    # The saved file as an ordinary LoRA: the stock loader applies it everywhere (no LAG, no mask).
+    "stock_lora_loader": [
+        checkpoint(1, (40, 80)),
+        Node(2, "LoraLoaderModelOnly", (40, 220), {"model": (1, 0)},
+             {"lora_name": f"personalized_residuals/{RESIDUAL}", "strength_model": 1.0}),
+        Node(3, "CLIPTextEncode", (400, 80), {"clip": (1, 1)}, {"text": PROMPT}, title="positive"),
+        *sampling(4, 400, 80, (2, 0), (3, 0), (1, 1), (1, 2), mask_preview=False),
     ],
 }
 
@@ -122,7 +149,8 @@ def ui_format(nodes: list[Node]) -> dict:
             if (n.type, name) in CONTROL_AFTER_GENERATE:
                 widgets.append("fixed")
         ui_nodes.append({
-            "id": n.id, "type": n.type, "pos": list(n.pos), "size": [360, 160], "flags": {}, "order": order, "mode": 0,
+            "id": n.id, "type": n.type, "pos": list(n.pos), "size": list(SIZES[n.type]), "flags": {}, "order": order,
+            "mode": 0,
             "inputs": [{"name": name, "type": links[in_links[(n.id, name)] - 1][5], "link": in_links[(n.id, name)]}
                        for name in n.links],
             "outputs": [{"name": name, "type": typ, "links": out_links.get((n.id, slot), []), "slot_index": slot}
@@ -137,10 +165,11 @@ def ui_format(nodes: list[Node]) -> dict:
 
 def main() -> None:
     folder = Path(__file__).parent
+    (folder / "api").mkdir(exist_ok=True)
     for name, nodes in WORKFLOWS.items():
         (folder / f"{name}.json").write_text(json.dumps(ui_format(nodes), indent=1) + "\n")
-        (folder / f"{name}_api.json").write_text(json.dumps(api_format(nodes), indent=1) + "\n")
-        print(f"wrote workflows/{name}.json and workflows/{name}_api.json")
+        (folder / "api" / f"{name}.json").write_text(json.dumps(api_format(nodes), indent=1) + "\n")
+        print(f"wrote workflows/{name}.json and workflows/api/{name}.json")
 
 
 if __name__ == "__main__":

@@ -60,3 +60,33 @@ def loras_dir(tmp_path, monkeypatch):
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(folder)], folder_paths.supported_pt_extensions))
     monkeypatch.setattr(folder_paths, "filename_list_cache", {})
     return folder
+
+
+# ---------------------------------------------------------------- the real server (end-to-end tests)
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory):
+    """ComfyUI's main.py on a free port with the pack in a temporary base directory (see comfy_server.py)."""
+    from comfy_server import ComfyServer
+    from sd15_checkpoint import random_sd15_checkpoint
+
+    server = ComfyServer(tmp_path_factory.mktemp("comfyui"), random_sd15_checkpoint())
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def client(comfy_server):
+    from comfy_server import api_client
+
+    with api_client().ComfyClient(comfy_server.url, timeout=600) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def trained(client):
+    """workflows/api/train_and_save.json run once over HTTP: the Run (its /ws events and /history entry)."""
+    from comfy_server import api_workflow
+
+    return client.run(api_workflow("train_and_save"))

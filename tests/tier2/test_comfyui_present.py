@@ -6,7 +6,7 @@ from comfy_env import COMFY, SKIPPED
 
 def test_comfyui_is_present_for_tier_2():
     if SKIPPED:
-        pytest.skip(f"TIER 2 SKIPPED: {SKIPPED}")
+        pytest.skip(f"TIER 2 SKIPPED (with the server and browser tests): {SKIPPED}")
     import comfyui_version
 
     assert (COMFY / "main.py").is_file()

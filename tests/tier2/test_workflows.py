@@ -10,9 +10,9 @@ import pytest
 import nodes as comfy_nodes
 
 FOLDER = Path(__file__).resolve().parents[2] / "workflows"
-UI_FILES = sorted(p for p in FOLDER.glob("*.json") if not p.name.endswith("_api.json"))
+UI_FILES = sorted(FOLDER.glob("*.json"))
 # Combos listing the user's own files: any value is fine here.
-USER_FILES = {"ckpt_name", "folder", "residual_name"}
+USER_FILES = {"ckpt_name", "folder", "residual_name", "lora_name"}
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +33,12 @@ def _is_widget(spec):
 
 def test_there_are_workflows_with_api_twins():
     assert {p.stem for p in UI_FILES} >= {"train_and_sample", "train_and_save", "load_and_sample"}
-    assert all((FOLDER / f"{p.stem}_api.json").is_file() for p in UI_FILES)
+    assert {p.name for p in (FOLDER / "api").glob("*.json")} == {p.name for p in UI_FILES}
 
 
 @pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
 def test_api_workflow_matches_the_node_definitions(path, registry):
-    graph = json.loads((FOLDER / f"{path.stem}_api.json").read_text())
+    graph = json.loads((FOLDER / "api" / path.name).read_text())
     for node_id, node in graph.items():
         cls = registry[node["class_type"]]
         declared = _inputs(cls)
@@ -62,7 +62,7 @@ def test_ui_workflow_links_and_widgets_are_consistent(path, registry):
         assert registry[nodes[src]["type"]].RETURN_TYPES[src_slot] == typ
         assert link_id in nodes[src]["outputs"][src_slot]["links"]
         assert nodes[dst]["inputs"][dst_slot]["link"] == link_id and nodes[dst]["inputs"][dst_slot]["type"] == typ
-    api = json.loads((FOLDER / f"{path.stem}_api.json").read_text())
+    api = json.loads((FOLDER / "api" / path.name).read_text())
     for node in wf["nodes"]:
         declared = _inputs(registry[node["type"]])
         widgets = [name for name, spec in declared.items() if _is_widget(spec)]

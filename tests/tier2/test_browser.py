@@ -1,0 +1,157 @@
+"""The pack in the ComfyUI web UI: the frontend ComfyUI pins (comfyui-frontend-package), served by the real
+server (comfy_server.py), in headless Chromium driven by Playwright.
+
+Each workflow file is opened as a user opens one (Workflow > Open: the page's file input) and must raise
+no missing-node dialog and no invalid-workflow alert; its nodes must be registered and show their widgets,
+holding the values of the file's API twin. One workflow is queued with the Run button and watched to the
+end on the page, where Save Residual then shows the file's name (the pack's web/save_residual.js).
+Set PERSONALIZED_RESIDUALS_SCREENSHOT=docs/web-ui.png to keep the final screenshot.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from comfy_server import TINY, frontend_widgets
+
+try:
+    from playwright.sync_api import sync_playwright
+except ImportError:
+    sync_playwright = None
+
+CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or shutil.which("chromium-browser")
+if sync_playwright is None or CHROMIUM is None:
+    why = "the playwright package is missing (tests/run.sh installs it)" if sync_playwright is None else \
+        "no chromium (apt-get install chromium, or set CHROMIUM_PATH)"
+    pytest.skip(f"BROWSER TESTS SKIPPED: {why}", allow_module_level=True)
+
+pytestmark = pytest.mark.server
+FOLDER = Path(__file__).resolve().parents[2] / "workflows"
+UI_FILES = sorted(FOLDER.glob("*.json"))
+# Headless, and nothing that reaches outside the machine (Chromium's own update and sync calls included).
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"]
+OURS = "PersonalizedResidual"
+
+NODES_JS = """() => app.graph.nodes.map(n => ({
+    id: n.id, type: n.type, registered: !!LiteGraph.registered_node_types[n.type],
+    widgets: (n.widgets || []).map(w => [w.name, w.value]), fits: n.size[1] >= n.computeSize()[1]}))"""
+# Alerts and dialogs on the page: the missing-node dialog, the invalid-workflow toast, any error toast.
+NOTICES_JS = """() => Array.from(document.querySelectorAll('.p-dialog, .p-toast-message')).map(e => e.innerText)"""
+PAGE_ERRORS = []  # uncaught exceptions in the page
+# The graph's bounding box on the screen, for a screenshot of the graph alone.
+GRAPH_BOX_JS = """margin => {
+    const rects = app.graph.nodes.map(n => n.boundingRect), ds = app.canvas.ds;
+    const box = app.canvas.canvas.getBoundingClientRect();
+    const [x0, y0] = [Math.min(...rects.map(r => r[0])), Math.min(...rects.map(r => r[1]))];
+    const [x1, y1] = [Math.max(...rects.map(r => r[0] + r[2])), Math.max(...rects.map(r => r[1] + r[3]))];
+    const screen = (x, y) => [box.left + (x + ds.offset[0]) * ds.scale, box.top + (y + ds.offset[1]) * ds.scale];
+    const [[left, top], [right, bottom]] = [screen(x0, y0), screen(x1, y1)];
+    return {x: left - margin, y: top - margin, width: right - left + 2 * margin, height: bottom - top + 2 * margin};
+}"""
+
+
+@pytest.fixture(scope="module")
+def page(comfy_server, trained):
+    assert trained.error is None, trained.error  # so Load Residual lists the file the workflows name
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1920, "height": 1000})
+        page.on("pageerror", lambda error: PAGE_ERRORS.append(str(error)))
+        page.goto(comfy_server.url)
+        page.wait_for_function("window.app?.graph && window.LiteGraph", timeout=120_000)
+        yield page
+        browser.close()
+
+
+def open_workflow(page, path: Path) -> list[str]:
+    """Open a workflow file through the page's file input; the dialogs, alerts and uncaught errors it raised."""
+    PAGE_ERRORS.clear()
+    page.evaluate("() => app.graph.clear()")
+    page.set_input_files("#comfy-file-input", str(path))
+    page.wait_for_function("n => app.graph.nodes.length === n", arg=len(json.loads(path.read_text())["nodes"]))
+    page.wait_for_timeout(1000)  # dialogs and toasts open on the next frames
+    notices = page.evaluate(NOTICES_JS) + PAGE_ERRORS
+    page.keyboard.press("Escape")
+    page.locator(".p-toast-close-button").evaluate_all("buttons => buttons.forEach(b => b.click())")
+    return notices
+
+
+@pytest.fixture(scope="module")
+def object_info(client):
+    return client.object_info()
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+def test_each_workflow_opens_with_every_node_and_widget(page, path, object_info):
+    assert open_workflow(page, path) == []
+    api = json.loads((FOLDER / "api" / path.name).read_text())
+    shown = page.evaluate(NODES_JS)
+    assert sorted(n["id"] for n in shown) == sorted(int(i) for i in api)
+    for node in shown:
+        where = f"{path.name} node {node['id']} ({node['type']})"
+        assert node["registered"] and node["fits"], where
+        widgets = dict(node["widgets"])
+        if node["type"].startswith(OURS):
+            assert [name for name, _ in node["widgets"]] == frontend_widgets(object_info[node["type"]]), where
+        for name, value in api[str(node["id"])]["inputs"].items():
+            if not isinstance(value, list):  # not a link: the widget holds the file's value
+                assert widgets.get(name) == pytest.approx(value), f"{where}: {name}"
+    if any(n["type"] == f"{OURS}LAGSampler" for n in shown):  # the multi-line prompt is a real text box
+        prompts = page.locator("textarea").evaluate_all("boxes => boxes.map(b => b.value)")
+        assert "a photo of a sks dog on the beach" in prompts
+
+
+def test_a_workflow_with_an_unknown_node_raises_the_missing_node_dialog(page, tmp_path):
+    """The check above can fail: the same steps on a workflow naming a node nobody has show the dialog."""
+    wf = json.loads((FOLDER / "train_and_save.json").read_text())
+    wf["nodes"][0]["type"] = "NoSuchNodeAnywhere"
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps(wf))
+    notices = open_workflow(page, path)
+    assert any("Some Nodes Are Missing" in n and "NoSuchNodeAnywhere" in n for n in notices), notices
+
+
+def test_queue_from_the_page_and_watch_it_finish(page, client, comfy_server, tmp_path):
+    assert open_workflow(page, FOLDER / "train_and_sample.json") == []
+    settings = {**TINY, f"{OURS}Train": {**TINY[f"{OURS}Train"], "seed": 2}}  # a new seed: it trains from the page
+    page.evaluate("""settings => {
+        for (const node of app.graph.nodes)
+            for (const [name, value] of Object.entries(settings[node.type] || {})) {
+                const widget = node.widgets.find(w => w.name === name);
+                widget.value = value;
+                widget.callback?.(value);
+            }
+        window.seen = [];
+        for (const type of ['progress', 'executed', 'execution_success', 'execution_error'])
+            app.api.addEventListener(type, e => window.seen.push({type, ...e.detail}));
+    }""", settings)
+
+    page.locator("[data-testid=queue-button]").click()
+    page.wait_for_function("() => seen.some(e => e.type.startsWith('execution_'))", timeout=300_000)
+    seen = page.evaluate("() => seen")
+    ends = [e for e in seen if e["type"].startswith("execution_")]
+    assert ends[0]["type"] == "execution_success", ends
+    ids = {n["type"]: str(n["id"]) for n in json.loads((FOLDER / "train_and_sample.json").read_text())["nodes"]}
+    train_steps = [(e["value"], e["max"]) for e in seen if e["type"] == "progress" and e["node"] == ids[f"{OURS}Train"]]
+    assert train_steps == [(1, 2), (2, 2)]  # the page got the training progress bar
+    shown = ["PreviewImage", "SaveImage", f"{OURS}LAGMaskPreview"]  # loss curve, render, mask preview
+    page.wait_for_function("ids => ids.every(id => app.graph.getNodeById(id).imgs?.[0]?.complete)",
+                           arg=[int(ids[t]) for t in shown])
+
+    history = client.history(ends[0]["prompt_id"])
+    assert history["status"]["status_str"] == "success"
+    saved = history["outputs"][ids[f"{OURS}Save"]]["residual_name"][0]
+    assert (comfy_server.loras / saved).is_file()
+    shown_name = page.evaluate("id => app.graph.getNodeById(id).widgets.find(w => w.name === 'saved')?.value",
+                               int(ids[f"{OURS}Save"]))  # web/save_residual.js
+    assert shown_name == f"saved models/loras/personalized_residuals/{saved}"
+
+    page.evaluate("() => app.extensionManager.command.execute('Comfy.Canvas.FitView')")
+    page.wait_for_timeout(1000)
+    screenshot = tmp_path / "web-ui.png"
+    page.screenshot(path=str(screenshot), clip=page.evaluate(GRAPH_BOX_JS, 24))
+    if os.environ.get("PERSONALIZED_RESIDUALS_SCREENSHOT"):
+        shutil.copy(screenshot, os.environ["PERSONALIZED_RESIDUALS_SCREENSHOT"])
