@@ -9,11 +9,12 @@ before, and the model's weights are never touched.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from comfy.patcher_extension import CallbacksMP, WrappersMP
 from comfy_api.latest import io, ui
 
-from ..residual_core import MASK_RULES, LagSession, ResidualError, attach, locate_concept
+from ..residual_core import MASK_RULES, Concept, LagSession, ResidualError, ResidualSet, attach, locate_concept
 from ..residual_core.errors import check_range
 from ..residual_core.lag import check_rule
 from .comfy_model import base_hash, targets_of, tokenizer_of
@@ -24,27 +25,62 @@ PATCH_KEY = "personalized_residuals.lag"
 MODES = ("LAG", "global")
 
 
-class LagPatch:
-    """One concept's residual on a MODEL: the wrapper, the per-run reset, and the masks of the last run."""
+@dataclass(frozen=True)
+class LagConcept:
+    """What one LAG Sampler node adds: a residual, how strongly, where (LAG words or everywhere), when."""
 
-    def __init__(self, residual, targets, strength, session: LagSession | None, sigma_window):
-        self.residual, self.targets, self.strength = residual, targets, strength
-        self.session = session  # None in global mode
-        self.sigma_window = sigma_window  # (low, high), or None for every step
+    residual: ResidualSet
+    strength: float
+    rule: tuple[str, float] | None  # (mask rule, value) in LAG mode, None in global mode
+    sigma_window: tuple[float, float] | None  # (low, high), or None for every step
+
+    @property
+    def name(self) -> str:
+        return f"{self.residual.meta.identifier} {self.residual.meta.class_word}"
+
+
+class LagPatch:
+    """Every concept the LAG Sampler nodes of a chain put on a MODEL, applied together by one wrapper, so
+    several concepts share an image (each masked by its own words) in a single UNet pass.
+
+    The LAG sessions belong to the prompt of the last node of the chain: the prompt the KSampler gets."""
+
+    def __init__(self, concepts: list[LagConcept], sessions: list[LagSession | None], targets):
+        self.concepts, self.sessions, self.targets = concepts, sessions, targets
 
     def wrapper(self, executor, *args, **kwargs):
         options = args[5] if len(args) > 5 else kwargs.get("transformer_options", {})
-        if self.sigma_window is not None and "sigmas" in options:
+        sigma = None
+        if any(c.sigma_window for c in self.concepts) and "sigmas" in options:
             sigma = float(options["sigmas"].max())  # one host sync per call, only when a window is set
-            if not self.sigma_window[0] <= sigma <= self.sigma_window[1]:
-                return executor(*args, **kwargs)
-        with attach(executor.class_obj, self.residual, self.strength, self.session,
-                    options.get("cond_or_uncond"), self.targets):
+        active = [Concept(c.residual, c.strength, s) for c, s in zip(self.concepts, self.sessions, strict=True)
+                  if sigma is None or c.sigma_window is None or c.sigma_window[0] <= sigma <= c.sigma_window[1]]
+        if not active:
+            return executor(*args, **kwargs)
+        with attach(executor.class_obj, active, cond_or_uncond=options.get("cond_or_uncond"), targets=self.targets):
             return executor(*args, **kwargs)
 
     def on_pre_run(self, patcher):
-        if self.session is not None:
-            self.session.reset()
+        for session in self.sessions:
+            if session is not None:
+                session.reset()
+
+
+def _sessions(concepts: list[LagConcept], clip, prompt: str) -> list[LagSession | None]:
+    """A LAG session per concept in LAG mode, with the positions of its words in this prompt."""
+    tokenize, sessions = tokenizer_of(clip), []
+    for c in concepts:
+        if c.rule is None:
+            sessions.append(None)
+            continue
+        meta = c.residual.meta
+        try:
+            found = locate_concept(tokenize, prompt, meta.identifier, meta.class_word)
+        except ResidualError as e:
+            raise ResidualError(f"Concept '{c.name}' of this LAG chain: {e} The last LAG Sampler's prompt must name "
+                                "every concept of the chain.") from None
+        sessions.append(LagSession(found.positions, found.prompt_tokens, *c.rule))
+    return sessions
 
 
 class LagSampler(io.ComfyNode):
@@ -112,23 +148,22 @@ class LagSampler(io.ComfyNode):
         if meta.base_hash and meta.base_hash != base_hash(model, targets):
             logging.warning("LAG Sampler: residual '%s %s' was trained on another checkpoint of the same family; "
                             "it may look different here.", meta.identifier, meta.class_word)
-        tokens = clip.tokenize(prompt)
-        session = None
-        if mode == "LAG":
-            concept = locate_concept(tokenizer_of(clip), prompt, meta.identifier, meta.class_word)
-            session = LagSession(concept.positions, concept.prompt_tokens, mask_rule, mask_value)
         window = None
         if start_percent > 0 or end_percent < 1:
             sampling = model.get_model_object("model_sampling")
             window = (sampling.percent_to_sigma(end_percent), sampling.percent_to_sigma(start_percent))
+        earlier = model.get_attachment(PATCH_KEY)  # concepts of LAG Samplers earlier in the chain
+        concepts = [*(earlier.concepts if earlier else []),
+                    LagConcept(residual, strength, (mask_rule, mask_value) if mode == "LAG" else None, window)]
+        patch = LagPatch(concepts, _sessions(concepts, clip, prompt), targets)
 
-        m = model.clone()
-        patch = LagPatch(residual, targets, strength, session, window)
-        key = f"{PATCH_KEY}.{sum(k.startswith(PATCH_KEY) for k in m.attachments)}"
-        m.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, key, patch.wrapper)
-        m.add_callback_with_key(CallbacksMP.ON_PRE_RUN, key, patch.on_pre_run)
-        m.set_attachments(key, patch)
-        return io.NodeOutput(m, clip.encode_from_tokens_scheduled(tokens))
+        m = model.clone()  # the input MODEL keeps its own patch; this clone's replaces it
+        m.remove_wrappers_with_key(WrappersMP.DIFFUSION_MODEL, PATCH_KEY)
+        m.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, PATCH_KEY, patch.wrapper)
+        m.remove_callbacks_with_key(CallbacksMP.ON_PRE_RUN, PATCH_KEY)
+        m.add_callback_with_key(CallbacksMP.ON_PRE_RUN, PATCH_KEY, patch.on_pre_run)
+        m.set_attachments(PATCH_KEY, patch)
+        return io.NodeOutput(m, clip.encode_from_tokens_scheduled(clip.tokenize(prompt)))
 
 
 class LagMaskPreview(io.ComfyNode):
@@ -138,8 +173,9 @@ class LagMaskPreview(io.ComfyNode):
             node_id="PersonalizedResidualLAGMaskPreview",
             display_name="LAG Mask Preview",
             category=CATEGORY,
-            description="Show where LAG applied the residual in the last sampling run: the mask averaged over "
-                        "blocks and steps, tinted red over the images or as a heat map.",
+            description="Show where LAG applied the residuals in the last sampling run: each concept's mask "
+                        "averaged over blocks and steps, tinted over the images (or on black) in one colour per "
+                        "concept, in the order of the LAG Sampler chain: red, blue, green, yellow, magenta, cyan.",
             is_output_node=True,
             inputs=[
                 io.Model.Input("model", tooltip="The MODEL output of the LAG Sampler that the KSampler used."),
@@ -154,12 +190,11 @@ class LagMaskPreview(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, latent, images=None) -> io.NodeOutput:
-        patches = [p for k, p in sorted(model.attachments.items()) if k.startswith(PATCH_KEY)]
-        if not patches:
+        patch = model.get_attachment(PATCH_KEY)
+        if patch is None:
             raise ResidualError("LAG Mask Preview: this MODEL has no LAG patch; connect the LAG Sampler's model output.")
-        lag = [p for p in patches if p.session is not None]
-        masks = lag[-1].session.mean_masks() if lag else {}
-        if not masks:
+        masks = [s.mean_masks() for s in patch.sessions if s is not None]
+        if not any(masks):
             raise ResidualError("LAG Mask Preview: no masks were recorded. Sample with this MODEL first (mode LAG, "
                                 "with the LAG Sampler's positive conditioning).")
         preview = mask_preview(masks, tuple(latent["samples"].shape[-2:]), images=images)

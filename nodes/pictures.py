@@ -60,22 +60,31 @@ def _grid_shape(tokens: int, height: int, width: int) -> tuple[int, int]:
     return h, w
 
 
-def mask_preview(masks: dict[tuple, torch.Tensor], latent_hw: tuple[int, int], scale: int = 8,
+CONCEPT_COLORS = torch.tensor([[1.0, 0.15, 0.1], [0.1, 0.35, 1.0], [0.1, 0.8, 0.2], [1.0, 0.85, 0.1],
+                               [0.9, 0.1, 0.9], [0.1, 0.9, 0.9]])
+
+
+def mask_preview(concepts: list[dict[tuple, torch.Tensor]], latent_hw: tuple[int, int], scale: int = 8,
                  images: torch.Tensor | None = None) -> torch.Tensor:
-    """Average the per-block masks [B, tokens] at pixel size. With images [B, H, W, 3], tint them red where
-    the residual applied; without, a black-to-yellow heat map. Returns [B, H, W, 3]."""
+    """Each concept's per-block masks [B, tokens] averaged at pixel size, tinted in its colour over the images
+    [B, H, W, 3] (or over black). Returns [B, H, W, 3]."""
     h, w = latent_hw
     size = (h * scale, w * scale) if images is None else tuple(images.shape[1:3])
-    layers = []
-    for m in masks.values():
-        gh, gw = _grid_shape(m.shape[1], h, w)
-        grid = m.float().cpu().view(-1, 1, gh, gw)
-        layers.append(F.interpolate(grid, size=size, mode="bilinear", align_corners=False))
-    heat = torch.stack(layers).mean(0)[:, 0, :, :, None].clamp(0, 1)  # [B, H, W, 1]
-    if images is None:
-        return torch.cat([heat, heat, heat * 0.2], dim=-1)
-    base = images[..., :3].float().cpu()
-    if base.shape[0] != heat.shape[0]:
-        base = base[:1].expand(heat.shape[0], -1, -1, -1)
-    red = torch.tensor([1.0, 0.15, 0.1])
-    return base * (1 - 0.6 * heat) + red * 0.6 * heat
+    heats = []
+    for masks in concepts:
+        layers = []
+        for m in masks.values():
+            gh, gw = _grid_shape(m.shape[1], h, w)
+            grid = m.float().cpu().view(-1, 1, gh, gw)
+            layers.append(F.interpolate(grid, size=size, mode="bilinear", align_corners=False))
+        heats.append(torch.stack(layers).mean(0)[:, 0, :, :, None].clamp(0, 1) if layers else None)  # [B, H, W, 1]
+    rows = next(hm.shape[0] for hm in heats if hm is not None)
+    base = torch.zeros(rows, *size, 3) if images is None else images[..., :3].float().cpu()
+    if base.shape[0] != rows:
+        base = base[:1].expand(rows, -1, -1, -1)
+    out = base.clone()
+    for i, heat in enumerate(heats):
+        if heat is not None:
+            alpha = 0.6 * heat if images is not None else heat
+            out = out * (1 - alpha) + CONCEPT_COLORS[i % len(CONCEPT_COLORS)] * alpha
+    return out.clamp(0, 1)

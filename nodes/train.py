@@ -28,6 +28,14 @@ from .pictures import loss_curve
 from .residual_type import CATEGORY, Residual
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on GPUs that have it (the residual's factors and the optimiser stay float32); elsewhere
+    the model runs in its own dtype."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
 class _PositiveOnlyGuider(comfy.samplers.CFGGuider):
     def set_conds(self, positive):
         self.inner_set_conds({"positive": positive})
@@ -62,7 +70,7 @@ class _TrainingRun(comfy.samplers.Sampler):
         flipped = None if self.flipped is None else base.process_latent_in(self.flipped.to(latent_image.device))
         self.losses = train_residual(
             self.residual, base.diffusion_model, denoiser, latent_image, 1 / (1 + schedule**2), prediction,
-            self.config, flipped, self.on_step, targets=self.targets,
+            self.config, flipped, self.on_step, autocast_dtype(latent_image.device), targets=self.targets,
         )
         return latent_image
 
@@ -96,14 +104,18 @@ class TrainPersonalizedResidual(io.ComfyNode):
                              "are cycled so each is seen equally often."),
                 io.Float.Input("rank_fraction", default=0.05, min=0.005, max=1.0, step=0.005, tooltip="Residual rank "
                                "as a fraction of each layer's width (paper: 0.05, i.e. ranks 16/32/64 on SD1.5)."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed for the residual init and every "
-                             "random draw of training: same seed and inputs, same residual."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                             tooltip="Seed for the residual init and every random draw of training: same seed and "
+                             "inputs, same residual (so it stays fixed between runs, unlike a sampler's seed)."),
                 io.Int.Input("resolution", default=512, min=64, max=4096, step=64, tooltip="Training resolution in "
                              "pixels: the model's native one (512 for SD1.x, 768 for SD2.x-v, 1024 for SDXL)."),
                 io.Boolean.Input("flip", default=False, tooltip="Also train on horizontally flipped photos. Leave "
                                  "off for asymmetric concepts (text, logos)."),
                 io.Combo.Input("init", options=list(INITS), default="zero", tooltip="zero: the untrained residual "
                                "changes nothing (LoRA-style). random: both factors random, as in the paper."),
+                io.Boolean.Input("gradient_checkpointing", default=False, tooltip="Recompute activations in the "
+                                 "backward pass instead of storing them: less memory, about a third slower. Turn on "
+                                 "if training runs out of memory (large resolutions, SDXL, small GPUs)."),
             ],
             outputs=[
                 Residual.Output("residual", display_name="residual",
@@ -115,10 +127,11 @@ class TrainPersonalizedResidual(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, images, class_word, identifier, steps, learning_rate, batch_size,
-                rank_fraction, seed, resolution, flip, init) -> io.NodeOutput:
+                rank_fraction, seed, resolution, flip, init, gradient_checkpointing=(False,)) -> io.NodeOutput:
         (model, clip, vae, class_word, identifier, steps, learning_rate, batch_size, rank_fraction, seed,
-         resolution, flip, init) = (v[0] for v in (model, clip, vae, class_word, identifier, steps, learning_rate,
-                                                    batch_size, rank_fraction, seed, resolution, flip, init))
+         resolution, flip, init, gradient_checkpointing) = (
+            v[0] for v in (model, clip, vae, class_word, identifier, steps, learning_rate, batch_size, rank_fraction,
+                           seed, resolution, flip, init, gradient_checkpointing))
         # Every input is checked before the VAE, the text encoder or the UNet runs.
         for name, value in (("model", model), ("clip", clip), ("vae", vae)):
             if value is None:
@@ -127,7 +140,8 @@ class TrainPersonalizedResidual(io.ComfyNode):
         class_word, identifier = class_word.strip(), identifier.strip()
         if not class_word or not identifier:
             raise ResidualError("class_word and identifier must not be empty: use e.g. 'dog' and 'sks'.")
-        config = TrainConfig(steps=steps, batch_size=batch_size, lr=learning_rate, seed=seed, flip=flip)
+        config = TrainConfig(steps=steps, batch_size=batch_size, lr=learning_rate, seed=seed, flip=flip,
+                             gradient_checkpointing=gradient_checkpointing)
         config.check()
         check_range("resolution", resolution, MIN_SIDE, MAX_SIDE, "Use the model's native one (512 for SD1.x).")
         if resolution % 8:

@@ -65,7 +65,8 @@ class LagSession:
     """Attention maps in, masks out, for one concept across the UNet calls of a sampling run.
 
     The caller announces each UNet call with begin_call(); hooks on each block's attn2.to_q/to_k feed
-    record(); the hook on proj_out asks mask(). Everything stays on the device: no host sync per step.
+    record_q/record_k; the hook on proj_out asks weights() (or mask()) and reports what it applied.
+    Everything stays on the device: no host sync per step.
     """
 
     def __init__(self, positions: list[int], prompt_tokens: int, rule: str = "max_fraction", value: float = 0.5):
@@ -80,7 +81,7 @@ class LagSession:
 
     def reset(self) -> None:
         """Forget everything from an earlier sampling run."""
-        self.last_mask: dict[tuple, torch.Tensor] = {}
+        self.last_mask: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # per block: (mask, score) of cond rows
         self.mask_sum: dict[tuple, torch.Tensor] = {}  # per block: sum over calls of the cond masks
         self.mask_calls: dict[tuple, int] = {}
         self.begin_call(None)
@@ -127,28 +128,60 @@ class LagSession:
         self._maps[block] = self._maps[block] + attn if block in self._maps else attn
         self._depth[block] = self._depth.get(block, 0) + 1
 
-    def mask(self, block: tuple, batch: int, tokens: int, device: torch.device) -> torch.Tensor:
-        """[batch, tokens] mask for every row of the call, from this call's cond rows or the last mask."""
+    def _to_rows(self, cond: torch.Tensor, batch: int) -> torch.Tensor:
+        """Cond-row values -> every row of the call: cond chunks their own, uncond chunks the first's."""
+        r = batch // len(self._chunks)
+        out, j = [], 0
+        for c in self._chunks:
+            if c == 0:
+                out.append(cond[j * r:(j + 1) * r])
+                j += 1
+            else:
+                out.append(cond[:r])
+        return torch.cat(out) if len(out) > 1 else out[0]
+
+    def weights(self, block: tuple, batch: int, tokens: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mask, score) [batch, tokens] for every row of the call. score is the attention divided by its
+        per-image max, for settling overlaps between concepts. From this call's cond rows; a call without
+        cond rows reuses the block's last ones (zeros before the first: the base model)."""
         if block in self._maps:
-            cond = threshold(self._maps.pop(block) / self._depth.pop(block), self.rule, self.value)
-            r = batch // len(self._chunks)
-            first = cond[:r]
-            self.last_mask[block] = first
-            self.mask_sum[block] = self.mask_sum[block] + first if block in self.mask_sum else first.clone()
-            self.mask_calls[block] = self.mask_calls.get(block, 0) + 1
-            out, j = [], 0
-            for c in self._chunks:
-                if c == 0:
-                    out.append(cond[j * r:(j + 1) * r])
-                    j += 1
-                else:
-                    out.append(first)
-            return torch.cat(out) if len(out) > 1 else out[0]
+            attn = self._maps.pop(block) / self._depth.pop(block)
+            peak = attn.amax(-1, keepdim=True)
+            score = torch.where(peak > 0, attn / peak, 0.0)
+            return self._to_rows(threshold(attn, self.rule, self.value), batch), self._to_rows(score, batch)
         last = self.last_mask.get(block)
-        if last is None or last.shape[1] != tokens or batch % last.shape[0]:
-            return torch.zeros(batch, tokens, device=device)  # no cond seen yet: the base model
-        return last.repeat(batch // last.shape[0], 1)
+        if last is None or last[0].shape[1] != tokens or batch % last[0].shape[0]:
+            zeros = torch.zeros(batch, tokens, device=device)
+            return zeros, zeros
+        return tuple(t.repeat(batch // t.shape[0], 1) for t in last)
+
+    def applied(self, block: tuple, mask: torch.Tensor, score: torch.Tensor) -> None:
+        """Record the mask as applied (after overlaps) for the block's next cond-free call and the preview."""
+        if not self.has_cond:
+            return
+        r = mask.shape[0] // len(self._chunks)
+        first = self._chunks.index(0) * r
+        m, s = mask[first:first + r], score[first:first + r]
+        self.last_mask[block] = (m, s)
+        self.mask_sum[block] = self.mask_sum[block] + m if block in self.mask_sum else m.clone()
+        self.mask_calls[block] = self.mask_calls.get(block, 0) + 1
+
+    def mask(self, block: tuple, batch: int, tokens: int, device: torch.device) -> torch.Tensor:
+        """[batch, tokens] mask for every row of the call, for a concept on its own (no overlaps to settle)."""
+        mask, score = self.weights(block, batch, tokens, device)
+        self.applied(block, mask, score)
+        return mask
 
     def mean_masks(self) -> dict[tuple, torch.Tensor]:
         """Per block, the fraction of UNet calls in the last run that applied the residual at each position."""
         return {b: s / self.mask_calls[b] for b, s in self.mask_sum.items()}
+
+
+def resolve_overlaps(masks: list[torch.Tensor], scores: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Several concepts in one image: where more than one mask covers a position, only the concept whose
+    attention there is highest (relative to its own max over the image) keeps it."""
+    if len(masks) < 2:
+        return masks
+    m, s = torch.stack(masks), torch.stack(scores)
+    winner = torch.where(m > 0, s, float("-inf")).argmax(0)
+    return [m[i] * (winner == i) for i in range(len(masks))]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ResidualError, check_range
-from .targets import Target, model_family
+from .targets import Target, family_label, model_family
 
 INITS = ("zero", "random")
 
@@ -149,24 +149,22 @@ class ResidualSet(nn.Module):
     def check_fits(self, targets: list[Target]) -> None:
         """Raise a ResidualError that says what differs when this residual was made for another UNet."""
         by_key = {t.key: t for t in targets}
-        missing = [t.key for t in targets if t.key not in self.layers]
-        extra = [k for k in self.layers if k not in by_key]
-        family = model_family(targets)
-        made_for = self.meta.base_family or "an unknown model"
-        if missing or extra:
+        model = family_label(model_family(targets))
+        made_for = family_label(self.meta.base_family) if self.meta.base_family else "another model"
+        fix = f"Use a residual trained with this model's family ({model}), or train one with this model."
+        if set(by_key) != set(self.layers):
             raise ResidualError(
-                f"This residual has {len(self.layers)} proj_out layers but the model has {len(targets)} "
-                f"({family}); it was made for {made_for}. Use a residual trained on a {family} checkpoint "
-                f"(or train one with this model). Missing: {missing[:3]}; not in the model: {extra[:3]}."
+                f"This residual was made for {made_for} ({len(self.layers)} transformer blocks) but the model is "
+                f"{model} ({len(targets)} transformer blocks). {fix}"
             )
         for key, layer in self.layers.items():
             t = by_key[key]
             got = (layer.up.shape[0], layer.down.shape[1], layer.conv)
             if got != (t.out_dim, t.in_dim, t.conv):
                 raise ResidualError(
-                    f"Layer {key}: the residual is {got[0]}x{got[1]} ({'conv' if got[2] else 'linear'}) but the "
-                    f"model's proj_out is {t.out_dim}x{t.in_dim} ({'conv' if t.conv else 'linear'}); the residual "
-                    f"was made for {made_for}, the model is {family}. Use a residual trained on this model family."
+                    f"This residual was made for {made_for} but the model is {model}: its layer {key} is "
+                    f"{got[0]}x{got[1]} ({'conv' if got[2] else 'linear'}), the model's is {t.out_dim}x{t.in_dim} "
+                    f"({'conv' if t.conv else 'linear'}). {fix}"
                 )
 
     def forget_casts(self) -> None:

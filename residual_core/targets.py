@@ -92,6 +92,11 @@ def family_of(layers: int, dims: set[int], conv: bool) -> str:
     return f"custom-{layers}x{'-'.join(map(str, dims))}-{'conv' if conv else 'linear'}"
 
 
+def family_label(family: str) -> str:
+    """The name users know a family by, for messages."""
+    return {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}.get(family, "a custom UNet")
+
+
 def weights_hash(weights: list[torch.Tensor]) -> str:
     """A short fingerprint of the base model's proj_out weights (as fp16, so fp32 and fp16 loads agree)."""
     h = hashlib.sha256()

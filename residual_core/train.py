@@ -8,12 +8,14 @@ the run (the caller encodes them once); every random draw of the run is made up 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpointing import checkpointed
 from .errors import ResidualError, TrainingDiverged, check_range
 from .hooks import attach, frozen
 from .residual import ResidualSet
@@ -34,6 +36,7 @@ class TrainConfig:
     lr: float = 1e-3
     seed: int = 0
     flip: bool = False  # use the horizontally flipped copies half of the time
+    gradient_checkpointing: bool = False  # less activation memory, about one more forward pass per step
 
     def check(self) -> None:
         check_range("steps", self.steps, 1, 100_000, "The paper uses 150.")
@@ -179,9 +182,11 @@ def train_residual(
     targets: list[Target] | None = None,
 ) -> torch.Tensor:
     """Train `residual`, attached to `unet`'s proj_out layers, with everything else frozen (see fit)."""
+    config = config or TrainConfig()
     residual.to(latents.device).float().requires_grad_(True)
+    recompute = checkpointed(unet) if config.gradient_checkpointing else nullcontext()
     try:
-        with frozen(unet), attach(unet, residual, targets=targets):
+        with frozen(unet), attach(unet, residual, targets=targets), recompute:
             return fit(list(residual.parameters()), denoiser, latents, alphas_cumprod, prediction, config,
                        flipped_latents, on_step, autocast_dtype)
     finally:

@@ -43,8 +43,8 @@ SIZES = {
     "PreviewImage": (420, 300),
 }
 # Widgets followed in the UI format by a "control after generate" value: the frontend adds that widget to
-# every INT input named seed or noise_seed (unless the schema says otherwise), ours included.
-CONTROL_AFTER_GENERATE = {("KSampler", "seed"), ("PersonalizedResidualTrain", "seed")}
+# every INT input named seed or noise_seed unless the schema says otherwise (ours says control_after_generate=False).
+CONTROL_AFTER_GENERATE = {("KSampler", "seed")}
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 RESIDUAL = "sks_dog_00001.safetensors"  # what train_and_save writes first
 PROMPT = "a photo of a sks dog on the beach"
@@ -97,7 +97,8 @@ def training(first_id, ckpt):
         Node(i + 1, "PersonalizedResidualTrain", (400, 80),
              {"model": (ckpt, 0), "clip": (ckpt, 1), "vae": (ckpt, 2), "images": (i, 0)},
              {"class_word": "dog", "identifier": "sks", "steps": 150, "learning_rate": 0.001, "batch_size": 4,
-              "rank_fraction": 0.05, "seed": 0, "resolution": 512, "flip": False, "init": "zero"}),
+              "rank_fraction": 0.05, "seed": 0, "resolution": 512, "flip": False, "init": "zero",
+              "gradient_checkpointing": False}),
         Node(i + 2, "PreviewImage", (760, 260), {"images": (i + 1, 1)}, title="loss curve"),
         Node(i + 3, "PersonalizedResidualSave", (760, 80), {"residual": (i + 1, 0)}, {"filename_prefix": ""}),
     ]

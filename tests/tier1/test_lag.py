@@ -113,3 +113,41 @@ def test_mean_masks_record_where_the_residual_applied():
     assert torch.equal(session.mean_masks()[("input", 1)], last)  # same inputs each call
     with pytest.raises(ResidualError):
         LagSession([], 77)
+
+
+def test_overlaps_go_to_the_concept_that_attends_most_relative_to_its_own_peak():
+    from personalized_residuals.residual_core import resolve_overlaps
+
+    a_mask, b_mask = torch.tensor([[1.0, 1.0, 0.0, 1.0]]), torch.tensor([[1.0, 0.0, 1.0, 1.0]])
+    a_score, b_score = torch.tensor([[0.9, 1.0, 0.1, 0.2]]), torch.tensor([[0.5, 0.3, 1.0, 0.8]])
+    a, b = resolve_overlaps([a_mask, b_mask], [a_score, b_score])
+    assert a.tolist() == [[1, 1, 0, 0]] and b.tolist() == [[0, 0, 1, 1]]
+    assert resolve_overlaps([a_mask], [a_score]) == [a_mask]
+
+
+def _two_concepts(use_linear):
+    from personalized_residuals.residual_core import Concept
+
+    unet = tiny_unet(use_linear, depth=2)
+    targets = find_targets(unet)
+    a = ResidualSet.for_targets(targets, 0.5, init="random", seed=2)
+    b = ResidualSet.for_targets(targets, 0.5, init="random", seed=3)
+    return unet, Concept, a, b, (torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.randn(2, 6, 16))
+
+
+@pytest.mark.parametrize("use_linear", [False, True])
+def test_two_concepts_a_concept_applies_only_inside_its_own_mask(use_linear, monkeypatch):
+    unet, Concept, a, b, (x, t, ctx) = _two_concepts(use_linear)
+    with attach(unet, a, lag=LagSession([2], 6, "soft", 1.0)):
+        a_alone = unet(x, t, ctx)
+    # Same words, same rule: equal scores everywhere, ties go to the first concept, so b applies nowhere.
+    with attach(unet, [Concept(a, 1.0, LagSession([2], 6, "soft", 1.0)), Concept(b, 1.0, LagSession([2], 6, "soft", 1.0))]):
+        tied = unet(x, t, ctx)
+    assert torch.equal(tied, a_alone)
+    # A concept whose mask is empty adds nothing.
+    real = lag.threshold
+    monkeypatch.setattr(lag, "threshold", lambda attn, rule, value: real(attn, rule, value) * (rule != "mean"))
+    with attach(unet, [Concept(a, 1.0, LagSession([2], 6, "soft", 1.0)), Concept(b, 1.0, LagSession([4], 6, "mean", 0))]):
+        assert torch.equal(unet(x, t, ctx), a_alone)
+    with attach(unet, [Concept(a, 1.0, LagSession([2], 6, "soft", 1.0)), Concept(b, 1.0, LagSession([4], 6, "soft", 1.0))]):
+        assert not torch.allclose(unet(x, t, ctx), a_alone, atol=1e-5), "b's own tokens give it positions of its own"

@@ -74,7 +74,7 @@ def test_hook_residual_equals_the_merged_weight(use_linear):
 
 def test_residual_for_another_family_is_refused_with_what_differs():
     sd15 = ResidualSet.for_targets(find_targets(sd15_shaped("meta")))
-    with pytest.raises(ResidualError, match="made for sd1"):
+    with pytest.raises(ResidualError, match="made for SD1.x"):
         sd15.check_fits(find_targets(tiny_unet(False)))
     conv, linear = find_targets(tiny_unet(False)), find_targets(tiny_unet(True))
     with pytest.raises(ResidualError, match="conv.*linear"):
@@ -99,13 +99,14 @@ def test_sd15_residual_on_sd2_and_sdxl_shapes_is_refused_naming_both_families():
         sd2 = find_targets(SDUNet(model_channels=320, channel_mult=(1, 2, 4, 4), attention_levels=(0, 1, 2),
                                   num_heads=8, context_dim=1024, use_linear=True))
     assert model_family(sd2) == "sd2"
-    with pytest.raises(ResidualError, match="320x320 \\(conv\\) but the model's proj_out is 320x320 \\(linear\\).*"
-                                            "made for sd1, the model is sd2"):
+    with pytest.raises(ResidualError, match="made for SD1.x but the model is SD2.x: its layer .* is 320x320 \\(conv\\), "
+                                            "the model's is 320x320 \\(linear\\). Use a residual trained with "
+                                            "this model's family \\(SD2.x\\)"):
         sd15.check_fits(sd2)
     sdxl = [Target(f"t{i}", f"lora_unet_x{i}_proj_out", ("input", i), False, d, d, 2) for i, d in
             enumerate([640] * 5 + [1280] * 6)]
     assert model_family(sdxl) == "sdxl"
-    with pytest.raises(ResidualError, match="has 16 proj_out layers but the model has 11 \\(sdxl\\); it was made for sd1"):
+    with pytest.raises(ResidualError, match="made for SD1.x \\(16 transformer blocks\\) but the model is SDXL \\(11"):
         sd15.check_fits(sdxl)
 
 

@@ -163,3 +163,15 @@ def test_settings_out_of_range_or_not_finite_are_refused(field, value):
     name = "learning rate" if field == "lr" else field
     with pytest.raises(ResidualError, match=f"{name} must be in .*got {value!r}"):
         train_residual(residual, unet, denoiser, latents, ALPHAS, config=TrainConfig(**{field: value}))
+
+
+@pytest.mark.parametrize("use_linear", [False, True])
+def test_gradient_checkpointing_trains_the_same_residual_and_is_undone(use_linear):
+    results = []
+    for checkpointing in (False, True):
+        unet, residual, latents, denoiser, _ = _setup(use_linear)
+        config = TrainConfig(steps=4, lr=1e-2, gradient_checkpointing=checkpointing)
+        train_residual(residual, unet, denoiser, latents, ALPHAS, "eps", config)
+        results.append(torch.cat([p.flatten() for p in residual.parameters()]))
+        assert not any("forward" in vars(m) for m in unet.modules()), "block forwards are restored"
+    assert results[0].abs().max() > 0 and torch.allclose(results[0], results[1], atol=1e-6)

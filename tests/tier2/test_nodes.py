@@ -96,7 +96,8 @@ def test_users_get_errors_that_name_the_input_and_the_fix(sd15, clip, vae, sdxl,
     with pytest.raises(ResidualError, match="class word 'dog' is not in the prompt"):
         run(LagSampler, sd15, residual, clip, "a photo of a sks cat", 1.0, "LAG", "max_fraction", 0.5, 0.0, 1.0)
     sdxl_residual = ResidualSet.for_targets(find_targets(sdxl.model.diffusion_model))
-    with pytest.raises(ResidualError, match="has 11 proj_out layers but the model has 16"):
+    with pytest.raises(ResidualError, match="made for .* \\(11 transformer blocks\\) but the model "
+                                             "is .* \\(16 transformer blocks\\)"):
         run(LagSampler, sd15, sdxl_residual, clip, "a sks dog", 1.0, "LAG", "max_fraction", 0.5, 0.0, 1.0)
     with pytest.raises(ResidualError, match="must not exceed end_percent"):
         run(LagSampler, sd15, residual, clip, "a sks dog", 1.0, "LAG", "max_fraction", 0.5, 0.8, 0.2)

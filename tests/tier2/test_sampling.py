@@ -37,22 +37,24 @@ def test_mask_of_ones_is_the_stock_lora_and_zeros_the_base_exactly(sd15, clip, n
     plain = ksample(sd15, positive, negative)
     assert torch.equal(zeros, plain) and torch.equal(base, plain)
     assert (stock - plain).abs().max() > 1e-2, "the residual must matter for this test to mean anything"
-    assert torch.allclose(ones, stock, atol=1e-4)
+    # Merged weights compute (W + dW) x, the hooks W x + dW x: equal up to float32 rounding, which scales with
+    # the size of the values (up to ~200 after three steps of this random model), not with each element.
+    scale = float(stock.abs().max())
+    assert float((ones - stock).abs().max()) <= 1e-5 * scale
     global_ = ksample(_lag(sd15, residual, clip, mode="global")[0], positive, negative)
-    assert torch.allclose(global_, stock, atol=1e-4)
+    assert float((global_ - stock).abs().max()) <= 1e-5 * scale
 
 
 def test_unconditional_rows_reuse_the_mask_of_the_conditional_rows(sd15, clip, negative, monkeypatch):
     m, positive = _lag(sd15, concept_residual(sd15), clip, mask_rule="soft", mask_value=1.0)
     calls = []
-    original = lag.LagSession.mask
+    original = lag.LagSession.applied
 
-    def spy(self, block, batch, tokens, device):
-        out = original(self, block, batch, tokens, device)
-        calls.append((list(self._chunks), out.clone()))
-        return out
+    def spy(self, block, mask, score):
+        calls.append((list(self._chunks), mask.clone()))
+        return original(self, block, mask, score)
 
-    monkeypatch.setattr(lag.LagSession, "mask", spy)
+    monkeypatch.setattr(lag.LagSession, "applied", spy)
     ksample(m, positive, negative, batch=2)
     mixed = [mask for chunks, mask in calls if sorted(chunks) == [0, 1]]
     assert mixed, "ComfyUI batched cond and uncond rows together"
@@ -70,7 +72,7 @@ def test_linear_proj_out_families_record_a_mask_in_every_block(family, request, 
     negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
     before = weights_hash(model)
     out = ksample(m, positive, negative)
-    masks = m.attachments["personalized_residuals.lag.0"].session.mean_masks()
+    masks = m.get_attachment("personalized_residuals.lag").sessions[0].mean_masks()
     assert len(masks) == len(targets_of(model)) and torch.isfinite(out).all()
     assert not torch.equal(out, ksample(model, positive, negative))
     assert weights_hash(model) == before
@@ -115,7 +117,7 @@ def test_ksampler_advanced_and_sampler_custom_advanced_work_and_the_base_stays_b
                                             sigmas, latent)[0]["samples"]
     assert torch.isfinite(adv).all() and torch.isfinite(custom).all()
     assert torch.allclose(custom, ksample(m, positive, negative), atol=1e-5), "same sampling, same result"
-    assert m.attachments["personalized_residuals.lag.0"].session.mean_masks()
+    assert m.get_attachment("personalized_residuals.lag").sessions[0].mean_masks()
     assert weights_hash(sd15) == before
 
 

@@ -102,13 +102,13 @@ def sdxl_residual(comfy_server):
     """A residual made for SDXL (real widths, on the meta device: shapes only), saved where Load Residual looks."""
     import comfy.supported_models
     import torch
-    from comfy_env import _unet_config
+    from personalized_residuals.bench.comfyui_env import unet_config
 
-    config = _unet_config(model_channels=320, num_res_blocks=[2, 2, 2], channel_mult=[1, 2, 4],
-                          transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_middle=10,
-                          transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], use_linear_in_transformer=True,
-                          context_dim=2048, num_heads=-1, num_head_channels=64, num_classes="sequential",
-                          adm_in_channels=2816)
+    config = unet_config(model_channels=320, num_res_blocks=[2, 2, 2], channel_mult=[1, 2, 4],
+                         transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_middle=10,
+                         transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], use_linear_in_transformer=True,
+                         context_dim=2048, num_heads=-1, num_head_channels=64, num_classes="sequential",
+                         adm_in_channels=2816)
     with torch.device("meta"):
         unet = comfy.supported_models.SDXL(config).get_model({}).diffusion_model
     residual = ResidualSet.for_targets(find_targets(unet), 0.05, "zero", 0, ResidualMeta(class_word="dog", identifier="sks"))
@@ -134,7 +134,7 @@ BAD_INPUTS = {  # (workflow, node, input, value or the fixture that makes it, th
                                            ["class word 'dog' is not in the prompt", "as 'sks dog'"]),
     "residual of another model family": ("load_and_sample", "PersonalizedResidualLoad", "residual_name", "sdxl_residual",
                                          "PersonalizedResidualLAGSampler",
-                                         ["it was made for sdxl", "Use a residual trained on a sd1 checkpoint"]),
+                                         ["made for SDXL", "the model is SD1.x", "this model's family (SD1.x)"]),
 }
 
 

@@ -1,0 +1,86 @@
+"""Several concepts in one image: a chain of LAG Sampler nodes, each residual gated by its own words."""
+
+import comfy.samplers
+import pytest
+import torch
+from comfy_env import concept_residual, ksample, run, weights_hash
+from personalized_residuals.nodes.lag import PATCH_KEY, LagMaskPreview, LagSampler
+from personalized_residuals.residual_core import ResidualError, lag
+
+import nodes as comfy_nodes
+
+PROMPT = "a photo of a sks dog and a zwx cat in a garden"
+
+
+def _concept(model, identifier, class_word, seed):
+    residual = concept_residual(model, seed)
+    residual.meta.identifier, residual.meta.class_word = identifier, class_word
+    return residual
+
+
+def _chain(model, clip, prompts, **kw):
+    args = {"strength": 1.0, "mode": "LAG", "mask_rule": "soft", "mask_value": 1.0, "start_percent": 0.0,
+            "end_percent": 1.0, **kw}
+    m, positive = model, None
+    for (ident, cls, seed), prompt in zip([("sks", "dog", 1), ("zwx", "cat", 2)], prompts, strict=True):
+        m, positive = run(LagSampler, m, _concept(model, ident, cls, seed), clip, prompt, **args)
+    return m, positive
+
+
+@pytest.fixture
+def negative(clip):
+    return comfy_nodes.CLIPTextEncode().encode(clip, "")[0]
+
+
+def test_a_chain_applies_each_concept_inside_its_own_mask_in_one_pass(sd15, clip, negative, monkeypatch):
+    before = weights_hash(sd15)
+    m, positive = _chain(sd15, clip, ["a sks dog", PROMPT])
+    patch = m.get_attachment(PATCH_KEY)
+    assert [c.name for c in patch.concepts] == ["sks dog", "zwx cat"]
+    # The first node's prompt named only its own concept; the chain locates it again in the last prompt
+    # ('zwx' is two BPE tokens).
+    assert patch.sessions[0].positions == [5, 6] and patch.sessions[1].positions == [9, 10, 11]
+    calls, applied = [], []
+    original, record = comfy.samplers.calc_cond_batch, lag.LagSession.applied
+
+    def count(*a, **kw):
+        calls.append(1)
+        return original(*a, **kw)
+
+    def spy(self, block, mask, score):
+        applied.append(mask.clone())
+        return record(self, block, mask, score)
+
+    monkeypatch.setattr(comfy.samplers, "calc_cond_batch", count)
+    monkeypatch.setattr(lag.LagSession, "applied", spy)
+    out = ksample(m, positive, negative)
+    assert len(calls) == 3, "one model evaluation per step, whatever the number of concepts"
+    assert all(s.mean_masks() for s in patch.sessions) and torch.isfinite(out).all()
+    pairs = list(zip(applied[::2], applied[1::2], strict=True))  # per block and call: first, then second concept
+    assert len(pairs) == 3 * 16 and any(float(a.sum()) > 0 and float(b.sum()) > 0 for a, b in pairs)
+    assert all(float((a * b).max()) == 0 for a, b in pairs), "where both attend, one wins: masks never overlap"
+    preview = run(LagMaskPreview, m, {"samples": out})[0]
+    assert preview.shape == (1, 64, 64, 3) and float(preview[..., 0].max()) > 0 and float(preview[..., 2].max()) > 0
+    assert weights_hash(sd15) == before
+
+
+def test_a_chain_whose_last_prompt_lacks_a_concept_says_which(sd15, clip):
+    with pytest.raises(ResidualError, match="Concept 'sks dog' of this LAG chain.*must name every concept"):
+        _chain(sd15, clip, ["a sks dog", "a photo of a zwx cat"])
+
+
+def test_the_second_concept_changes_the_image_only_where_its_mask_is(sd15, clip, negative, monkeypatch):
+    m, positive = _chain(sd15, clip, [PROMPT, PROMPT])
+    alone = run(LagSampler, sd15, _concept(sd15, "sks", "dog", 1), clip, PROMPT, 1.0, "LAG", "soft", 1.0, 0.0, 1.0)[0]
+    zwx = m.get_attachment(PATCH_KEY).sessions[1]
+    both = ksample(m, positive, negative)
+    # With the second concept's mask emptied, the chain gives the first concept alone.
+    original = lag.LagSession.weights
+
+    def empty_second(self, *a):
+        mask, score = original(self, *a)
+        return (mask * 0, score) if self is zwx else (mask, score)
+
+    monkeypatch.setattr(lag.LagSession, "weights", empty_second)
+    assert torch.equal(ksample(m, positive, negative), ksample(alone, positive, negative))
+    assert not torch.equal(both, ksample(alone, positive, negative))
