@@ -24,19 +24,20 @@ import torch
 from personalized_residuals.residual_core import ResidualError, TrainConfig
 
 from . import methods
-from .pictures import grid_png, scatter_png
+from .pairs import pairs_of, pairs_table, run_pairs
+from .pictures import grid_png, pair_grid, scatter_png
 from .world import oracle
 from .world.concepts import Concept, load_concepts
 from .world.model import WorldModel, to_latent
-from .world.scenes import COLOR_NAMES, SHAPES, render
+from .world.scenes import SHAPES, distinct_colors, render
 
 RESULTS = Path(__file__).resolve().parent / "results"
 IDENTIFIER, IMAGES, STEPS, BATCH, RANK_FRACTION = "sks", 4, 150, 4, 0.25
 LAG_RULES = [("max_fraction", 0.5), ("median", 0.0), ("mean", 0.0), ("soft", 1.0)]
 DEFAULT_LRS = {"residuals": 1e-3, "lora_attn": 1e-3, "full_ft": 1e-4, "custom_diffusion": 3e-4,
                "textual_inversion": 5e-3}
-TUNE_GRID = {"residuals": [3e-4, 1e-3, 3e-3, 1e-2], "lora_attn": [3e-4, 1e-3, 3e-3, 1e-2], "full_ft": [3e-5, 1e-4, 3e-4],
-             "custom_diffusion": [1e-4, 3e-4, 1e-3, 3e-3], "textual_inversion": [5e-3, 2e-2, 5e-2]}
+TUNE_GRID = {"residuals": [1e-3, 3e-3, 1e-2], "lora_attn": [3e-4, 1e-3, 3e-3], "full_ft": [3e-5, 1e-4, 3e-4],
+             "custom_diffusion": [1e-4, 3e-4, 1e-3], "textual_inversion": [5e-3, 2e-2, 5e-2]}
 TUNE_SEEDS = [0, 1]
 
 
@@ -54,10 +55,11 @@ class Prompt:
 
 def concept_prompts(concept: Concept) -> list[Prompt]:
     """Two new backgrounds, two added objects, two prompts without the identifier; fixed per concept.
-    Backgrounds and added colours avoid the concept's own colours so the oracle can separate them."""
+    Backgrounds and added colours stay far from the concept's own colours (scenes.distinct_colors), so the
+    generator and the oracle can keep them apart."""
     rng = random.Random(concept.name)
-    free = [c for c in COLOR_NAMES if c not in concept.colors]
-    bgs = rng.sample(free, 4)
+    free = distinct_colors(concept.colors)
+    bgs = (rng.sample(free, len(free)) * 2)[:4]
     others = [s for s in SHAPES if s != concept.class_word]
     lead = f"a {IDENTIFIER} {concept.class_word}"
     out = [Prompt(f"{lead} on a {bg} background", "background", bg) for bg in bgs[:2]]
@@ -77,6 +79,8 @@ def sample_prompts(trained, model, prompts: list[Prompt], seeds: list[int], base
     out = {}
     for group in (["background", "added"], ["plain"]):
         chosen = [p for p in prompts if p.kind in group]
+        if not chosen:
+            continue
         captions = [p.base_caption if base else p.caption for p in chosen]
         rows = [c for c in captions for _ in seeds]
         if base:
@@ -167,7 +171,7 @@ def run(model, concepts: list[Concept], seeds: list[int], lrs: dict, judge, only
                 if only and name not in only:
                     continue
                 config = TrainConfig(steps=STEPS, batch_size=BATCH, lr=lr, seed=seed)
-                trained = train(model, latents, train_prompt, config, concept)
+                trained = train(model, latents, [train_prompt], config, concept)
                 variants = [(name, trained)]
                 if name == "residuals":
                     ours_seconds = trained.seconds
@@ -250,6 +254,7 @@ def main() -> None:
     ap.add_argument("--tune", action="store_true", help="pick learning rates on the tuning concept first")
     ap.add_argument("--tune-only", action="store_true", help="only pick the learning rates")
     ap.add_argument("--no-learned-judge", action="store_true", help="skip the EfficientNet identity score")
+    ap.add_argument("--no-pairs", action="store_true", help="skip the two-concept evaluation")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     out = Path(args.out)
@@ -278,18 +283,27 @@ def main() -> None:
     shown: dict = {}
     rows = run(model, evaluated, seeds, lrs, judge, shown=shown, log=lambda s: print(s, flush=True))
     summary = summarize(rows)
+    pair_rows, pair_shown = [], {}
+    if not args.no_pairs:
+        pair_rows = run_pairs(model, evaluated, seeds, lrs["residuals"], RANK_FRACTION, shown=pair_shown,
+                              log=lambda s: print(s, flush=True))
     minutes = (time.time() - started) / 60
-    (out / "results.json").write_text(json.dumps({"learning_rates": lrs, "rows": rows, "summary": summary}, indent=1))
+    (out / "results.json").write_text(json.dumps({"learning_rates": lrs, "rows": rows, "summary": summary,
+                                                  "pair_rows": pair_rows}, indent=1))
     table = markdown_table(summary)
     print(table)
-    write_report(out, summary, table, lrs, evaluated, seeds, minutes)
+    write_report(out, summary, table, lrs, evaluated, seeds, minutes, pair_rows)
+    if pair_shown:
+        a, b = pairs_of(evaluated)[0]
+        pair_grid(out / "pairs_grid.png", pair_shown, f"{a.name} (sks) + {b.name} (zwx), seed {seeds[0]}",
+                  render(a.references()[:2] + b.references()[:2]))
     grid_png(out / "grid.png", shown, concept_prompts(evaluated[0]), render(evaluated[0].references()),
              f"{evaluated[0].name}, seed {seeds[0]}")
     scatter_png(out / "identity_vs_locality.png", summary)
     print(f"wrote {out}/report.md, grid.png, identity_vs_locality.png ({minutes:.1f} min)")
 
 
-def write_report(out: Path, summary, table, lrs, concepts, seeds, minutes) -> None:
+def write_report(out: Path, summary, table, lrs, concepts, seeds, minutes, pair_rows) -> None:
     meta = json.loads((Path(__file__).parent / "weights" / "world_base.json").read_text())
     text = [
         "# Evaluation world: results",
@@ -316,6 +330,18 @@ def write_report(out: Path, summary, table, lrs, concepts, seeds, minutes) -> No
         table,
         "",
     ]
+    if pair_rows:
+        text += [
+            "## Two concepts in one image",
+            "",
+            "Pairs of concepts of different classes (A: identifier sks, B: zwx), each residual trained on its own "
+            "photos; prompts 'a sks <A> and a zwx <B> on a <colour> background', 2 backgrounds x "
+            f"{IMAGES} images per seed. Identity: each concept on its own object; bleeding: the share of an object's "
+            "pixels in colours only the other concept has. LAG rule: max_fraction 0.5.",
+            "",
+            pairs_table(pair_rows),
+            "",
+        ]
     (out / "report.md").write_text("\n".join(text) + "\n")
 
 

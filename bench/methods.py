@@ -60,16 +60,17 @@ def _file_bytes(tensors: dict[str, torch.Tensor]) -> int:
         return os.path.getsize(path)
 
 
-def _concept_denoiser(model: WorldModel, prompt: str):
-    context = model.text.encode([prompt])
-    return model.denoiser(context)
+def _concept_denoiser(model: WorldModel, captions: list[str]):
+    """The training denoiser with each photo's caption (one caption: the same prompt for every photo)."""
+    return model.denoiser(model.text.encode(captions))
 
 
-def residuals(model: WorldModel, latents, prompt, config: TrainConfig, rank_fraction: float = 0.25) -> Trained:
+def residuals(model: WorldModel, latents, captions, config: TrainConfig, rank_fraction: float = 0.25,
+              on_step=None) -> Trained:
     residual = ResidualSet.for_targets(find_targets(model.unet), rank_fraction, seed=config.seed)
     started = time.perf_counter()
-    train_residual(residual, model.unet, _concept_denoiser(model, prompt), latents, model.alphas_cumprod,
-                   model.prediction, config)
+    train_residual(residual, model.unet, _concept_denoiser(model, captions), latents, model.alphas_cumprod,
+                   model.prediction, config, on_step=on_step)
     seconds = time.perf_counter() - started
     with tempfile.TemporaryDirectory() as d:
         fileformat.save(residual, os.path.join(d, "r.safetensors"))
@@ -111,7 +112,7 @@ def _hooked(modules: dict[str, torch.nn.Module], adapters: dict[str, LowRankResi
             h.remove()
 
 
-def lora_attn(model: WorldModel, latents, prompt, config: TrainConfig, rank: int = 4) -> Trained:
+def lora_attn(model: WorldModel, latents, captions, config: TrainConfig, rank: int = 4) -> Trained:
     modules = {n: m for n, m in model.unet.named_modules()
                if any(n.endswith(f"{a}.{p}") for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out.0"))}
     adapters = _adapters_on(modules, rank, config.seed)
@@ -120,7 +121,7 @@ def lora_attn(model: WorldModel, latents, prompt, config: TrainConfig, rank: int
         p.requires_grad_(True)
     started = time.perf_counter()
     with frozen(model.unet), _hooked(modules, adapters):
-        fit(params, _concept_denoiser(model, prompt), latents, model.alphas_cumprod, model.prediction, config)
+        fit(params, _concept_denoiser(model, captions), latents, model.alphas_cumprod, model.prediction, config)
     seconds = time.perf_counter() - started
     for p in params:
         p.requires_grad_(False)
@@ -129,38 +130,38 @@ def lora_attn(model: WorldModel, latents, prompt, config: TrainConfig, rank: int
                    _file_bytes(state), seconds)
 
 
-def _fine_tune(model: WorldModel, latents, prompt, config: TrainConfig, select: Callable[[str], bool]) -> Trained:
+def _fine_tune(model: WorldModel, latents, captions, config: TrainConfig, select: Callable[[str], bool]) -> Trained:
     tuned = copy.deepcopy(model)
     params = {n: p for n, p in tuned.unet.named_parameters() if select(n)}
     for p in params.values():
         p.requires_grad_(True)
     started = time.perf_counter()
-    fit(list(params.values()), _concept_denoiser(tuned, prompt), latents, tuned.alphas_cumprod, tuned.prediction, config)
+    fit(list(params.values()), _concept_denoiser(tuned, captions), latents, tuned.alphas_cumprod, tuned.prediction, config)
     seconds = time.perf_counter() - started
     tuned.requires_grad_(False)
     return Trained(tuned, lambda caption: nullcontext, sum(p.numel() for p in params.values()),
                    _file_bytes(params), seconds)
 
 
-def full_ft(model, latents, prompt, config) -> Trained:
-    return _fine_tune(model, latents, prompt, config, lambda name: True)
+def full_ft(model, latents, captions, config) -> Trained:
+    return _fine_tune(model, latents, captions, config, lambda name: True)
 
 
-def custom_diffusion(model, latents, prompt, config) -> Trained:
-    return _fine_tune(model, latents, prompt, config, lambda name: ".attn2.to_k." in name or ".attn2.to_v." in name)
+def custom_diffusion(model, latents, captions, config) -> Trained:
+    return _fine_tune(model, latents, captions, config, lambda name: ".attn2.to_k." in name or ".attn2.to_v." in name)
 
 
-def textual_inversion(model: WorldModel, latents, prompt, config: TrainConfig, identifier: str = "sks",
+def textual_inversion(model: WorldModel, latents, captions, config: TrainConfig, identifier: str = "sks",
                       class_word: str = "square") -> Trained:
     """Trains one vector in place of the identifier's embedding, started from the class word's (TI starts
     from a coarse descriptor); the sampling model is a copy whose embedding table holds the result."""
-    ids = torch.tensor(tokenize(prompt), device=model.device)
+    ids = torch.tensor([tokenize(c)[0] for c in captions], device=model.device)
     vector = model.text.token_embedding.weight[IDS[class_word]].detach().clone().requires_grad_(True)
-    is_identifier = (ids == IDS[identifier])[..., None]
 
-    def denoiser(x_t, t):
-        embeddings = torch.where(is_identifier, vector, model.text.token_embedding(ids))
-        return model.unet(x_t, t, model.text(ids, embeddings=embeddings).expand(len(x_t), -1, -1))
+    def denoiser(x_t, t, index):
+        rows = ids[index] if len(ids) > 1 else ids.expand(len(x_t), -1)
+        embeddings = torch.where((rows == IDS[identifier])[..., None], vector, model.text.token_embedding(rows))
+        return model.unet(x_t, t, model.text(rows, embeddings=embeddings))
 
     started = time.perf_counter()
     with frozen(model):

@@ -75,3 +75,21 @@ def scatter_png(path: Path, summary: dict[str, dict], size=(760, 520)) -> None:
         draw.ellipse([px - 4, py - 4, px + 4, py + 4], fill=c)
         draw.text((size[0] - right + 10, top + 14 * i), f"● {method}", fill=c, font=font)
     img.save(path)
+
+
+def pair_grid(path: Path, rows: dict[str, torch.Tensor], title: str, references: torch.Tensor) -> None:
+    """Rows: variants; columns: the pair prompts (one image each, same seed); first row: references."""
+    font = ImageFont.load_default()
+    head = 30
+    width = LABEL + CELL * max(len(references), max(len(v) for v in rows.values()))
+    img = Image.new("RGB", (width, head + CELL * (len(rows) + 1)), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((8, 8), title, fill="black", font=font)
+    draw.text((8, head + CELL // 2 - 6), "references A, B", fill="black", font=font)
+    for j, ref in enumerate(references):
+        img.paste(_pil(ref), (LABEL + j * CELL, head))
+    for i, (name, images) in enumerate(rows.items(), start=1):
+        draw.multiline_text((8, head + i * CELL + CELL // 2 - 12), textwrap.fill(name, 28), fill="black", font=font)
+        for j, image in enumerate(images):
+            img.paste(_pil(image), (LABEL + j * CELL, head + i * CELL))
+    img.save(path)

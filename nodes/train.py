@@ -59,7 +59,7 @@ class _TrainingRun(comfy.samplers.Sampler):
         conds = model_wrap.conds["positive"]
         schedule = base.model_sampling.sigmas.to(latent_image.device, torch.float32)
 
-        def denoiser(x_t, t):  # DDPM x_t and integer t -> the raw eps / v output, via ComfyUI's own model call
+        def denoiser(x_t, t, index):  # DDPM x_t, integer t -> the raw eps / v, via ComfyUI's own model call
             s = schedule[t].view(-1, 1, 1, 1)
             x = x_t * (s * s + 1).sqrt()
             denoised = comfy.samplers.calc_cond_batch(base, [conds], x, schedule[t], model_options)[0]

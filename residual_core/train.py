@@ -21,9 +21,9 @@ from .hooks import attach, frozen
 from .residual import ResidualSet
 from .targets import Target
 
-# denoiser(x_t, t) -> the model's raw output (eps or v) for noisy latents x_t at integer timesteps t,
-# with the concept prompt as conditioning.
-Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# denoiser(x_t, t, index) -> the model's raw output (eps or v) for noisy latents x_t at integer timesteps t;
+# index says which photo each row is (for per-photo captions; a single concept prompt ignores it).
+Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 PREDICTIONS = ("eps", "v")
 
 
@@ -151,7 +151,7 @@ def fit(
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
         target = eps if prediction == "eps" else a.sqrt() * eps - (1 - a).sqrt() * x0
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            out = denoiser(x_t, t[step])
+            out = denoiser(x_t, t[step], index[step])
         loss = F.mse_loss(out.float(), target.float())
         loss.backward()
         last_good.update(loss.detach(), step)

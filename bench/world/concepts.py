@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .scenes import COLOR_NAMES, PALETTE, SIZE, Obj, Scene, place
+from .scenes import COLOR_NAMES, PALETTE, SIZE, Obj, Scene, distinct_colors, place
 
 SPEC = Path(__file__).with_name("concepts.json")
 PATTERNS = ("halves", "checker", "stripes", "ring", "border", "dot")
@@ -34,9 +34,9 @@ class Concept:
         return Obj(self.class_word, sorted(self.colors)[0], cx, cy, r, identifier=identifier, pattern=self.pattern)
 
     def references(self, n: int = 5, seed: int = 0) -> list[Scene]:
-        """Reference renders: the concept alone, at varied places and sizes, on backgrounds it doesn't use."""
+        """Reference renders: the concept alone, at varied places and sizes, on backgrounds far from its colours."""
         rng = random.Random(f"{self.name}-{seed}")
-        backgrounds = [c for c in COLOR_NAMES if c not in self.colors]
+        backgrounds = distinct_colors(self.colors)
         return [Scene(rng.choice(backgrounds), [self.obj(*place(rng, 1, 0))]) for _ in range(n)]
 
 

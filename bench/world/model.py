@@ -71,9 +71,12 @@ class WorldModel(nn.Module):
     def tokenize(self, text: str) -> list[list[int]]:
         return tokenize(text)
 
-    def denoiser(self, context: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """residual_core's Denoiser for a fixed prompt: (x_t, t) -> v."""
-        return lambda x_t, t: self.unet(x_t, t, context.expand(len(x_t), -1, -1))
+    def denoiser(self, contexts: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+        """residual_core's Denoiser: (x_t, t, photo index) -> v, with each photo's caption context
+        (contexts [photos or 1, tokens, dim])."""
+        if len(contexts) == 1:
+            return lambda x_t, t, index: self.unet(x_t, t, contexts.expand(len(x_t), -1, -1))
+        return lambda x_t, t, index: self.unet(x_t, t, contexts[index])
 
     @torch.no_grad()
     def sample(

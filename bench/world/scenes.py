@@ -20,6 +20,15 @@ COLORS = {
 COLOR_NAMES = list(COLORS)
 PALETTE = torch.tensor(list(COLORS.values()), dtype=torch.float32) / 255.0  # [8, 3]
 SHAPES = ("circle", "square", "triangle")
+
+
+def distinct_colors(colors: set[str], min_distance: float = 120.0) -> list[str]:
+    """Palette colours far (in RGB) from every one of `colors`: orange is too close to red and yellow, blue to
+    purple, for a generator to keep them apart on a 32 px image or for the judge to tell them apart."""
+    rgb = {name: torch.tensor(value, dtype=torch.float32) for name, value in COLORS.items()}
+    return [c for c in COLOR_NAMES if all(float((rgb[c] - rgb[o]).norm()) >= min_distance for o in colors)]
+
+
 # Reserved identifier words: in pretraining captions with no visual meaning (as rare tokens are in SD).
 IDENTIFIERS = ("sks", "zwx", "qpv", "vbn", "kjh", "tlr")
 

@@ -25,7 +25,7 @@ def _setup(use_linear=False, inference=False):
     ctx = torch.randn(1, 6, 16)
     latents = torch.randn(2, 4, 8, 8)
     residual = ResidualSet.for_targets(find_targets(unet), 0.5)
-    return unet, residual, latents, (lambda x_t, t: unet(x_t, t, ctx.expand(len(x_t), -1, -1))), ctx
+    return unet, residual, latents, (lambda x_t, t, index: unet(x_t, t, ctx.expand(len(x_t), -1, -1))), ctx
 
 
 def _checksum(module):
@@ -81,7 +81,7 @@ def test_the_loss_target_follows_the_prediction_type(prediction):
     unet, residual, latents, _, ctx = _setup()
     x0 = latents[:1].expand(2, -1, -1, -1)
 
-    def oracle(x_t, t):  # knows x0, so it returns the exact eps or v
+    def oracle(x_t, t, index):  # knows x0, so it returns the exact eps or v
         a = ALPHAS[t].view(-1, 1, 1, 1)
         eps = (x_t - a.sqrt() * x0[: len(x_t)]) / (1 - a).sqrt()
         out = eps if prediction == "eps" else a.sqrt() * eps - (1 - a).sqrt() * x0[: len(x_t)]
@@ -103,9 +103,9 @@ def test_bad_prediction_or_latents_are_refused():
 def _poisoned(denoiser, at_step, value, calls):
     """The denoiser, returning `value` everywhere from step `at_step` (0-based) on."""
 
-    def run(x_t, t):
+    def run(x_t, t, index):
         calls.append(1)
-        out = denoiser(x_t, t)
+        out = denoiser(x_t, t, index)
         return out * value if len(calls) > at_step else out
 
     return run
