@@ -5,9 +5,10 @@ from typing_extensions import override
 
 from .files import LoadResidual, SaveResidual
 from .lag import LagMaskPreview, LagSampler
+from .lora import LagLora
 from .train import TrainPersonalizedResidual
 
-NODES = [TrainPersonalizedResidual, SaveResidual, LoadResidual, LagSampler, LagMaskPreview]
+NODES = [TrainPersonalizedResidual, SaveResidual, LoadResidual, LagSampler, LagLora, LagMaskPreview]
 
 
 class PersonalizedResidualsExtension(ComfyExtension):

@@ -1,9 +1,9 @@
 """LAG Sampler (a MODEL patch in front of the stock KSampler) and LAG Mask Preview (after it).
 
-The patch is a DIFFUSION_MODEL wrapper: for each UNet call it attaches the residual with forward hooks
-(residual_core.attach) and removes them when the call returns. It replaces nothing: weight patches
-(a stock LoRA on the same proj_out), attention replace patches (IP-Adapter) and other wrappers run as
-before, and the model's weights are never touched.
+The patch is a DIFFUSION_MODEL wrapper: for each UNet call it attaches the residuals (and the LAG LoRAs of
+lora.py) with forward hooks (residual_core.attach) and removes them when the call returns. It replaces
+nothing: weight patches (a stock LoRA on the same proj_out), attention replace patches (IP-Adapter) and
+other wrappers run as before, and the model's weights are never touched.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from comfy.patcher_extension import CallbacksMP, WrappersMP
 from comfy_api.latest import io, ui
 
-from ..residual_core import MASK_RULES, Concept, LagSession, ResidualError, ResidualSet, attach, locate_concept
+from ..residual_core import MASK_RULES, Concept, LagSession, LoraLayers, ResidualError, ResidualSet, attach, locate_concept
 from ..residual_core.errors import check_range
 from ..residual_core.lag import check_rule
 from .comfy_model import base_hash, targets_of, tokenizer_of
@@ -27,21 +27,24 @@ MODES = ("LAG", "global")
 
 @dataclass(frozen=True)
 class LagConcept:
-    """What one LAG Sampler node adds: a residual, how strongly, where (LAG words or everywhere), when."""
+    """What one LAG node adds: a residual (or a LoRA's maskable layers), how strongly, where (LAG words or
+    everywhere), when."""
 
-    residual: ResidualSet
+    residual: ResidualSet | LoraLayers
+    identifier: str
+    class_word: str
     strength: float
     rule: tuple[str, float] | None  # (mask rule, value) in LAG mode, None in global mode
     sigma_window: tuple[float, float] | None  # (low, high), or None for every step
 
     @property
     def name(self) -> str:
-        return f"{self.residual.meta.identifier} {self.residual.meta.class_word}"
+        return f"{self.identifier} {self.class_word}"
 
 
 class LagPatch:
-    """Every concept the LAG Sampler nodes of a chain put on a MODEL, applied together by one wrapper, so
-    several concepts share an image (each masked by its own words) in a single UNet pass.
+    """Every concept the LAG nodes of a chain (LAG Sampler, LAG LoRA) put on a MODEL, applied together by one
+    wrapper, so several concepts share an image (each masked by its own words) in a single UNet pass.
 
     The LAG sessions belong to the prompt of the last node of the chain: the prompt the KSampler gets."""
 
@@ -73,12 +76,11 @@ def _sessions(concepts: list[LagConcept], clip, prompt: str) -> list[LagSession 
         if c.rule is None:
             sessions.append(None)
             continue
-        meta = c.residual.meta
         try:
-            found = locate_concept(tokenize, prompt, meta.identifier, meta.class_word)
+            found = locate_concept(tokenize, prompt, c.identifier, c.class_word)
         except ResidualError as e:
-            raise ResidualError(f"Concept '{c.name}' of this LAG chain: {e} The last LAG Sampler's prompt must name "
-                                "every concept of the chain.") from None
+            raise ResidualError(f"Concept '{c.name}' of this LAG chain: {e} The prompt of the chain's last LAG node "
+                                "must name every concept of the chain.") from None
         sessions.append(LagSession(found.positions, found.prompt_tokens, *c.rule))
     return sessions
 
@@ -130,12 +132,7 @@ class LagSampler(io.ComfyNode):
                 end_percent) -> io.NodeOutput:
         if mode not in MODES:
             raise ResidualError(f"mode must be one of {MODES}, got {mode!r}.")
-        check_range("strength", strength, -4, 4, "1 applies the residual as trained.")
-        check_range("start_percent", start_percent, 0, 1)
-        check_range("end_percent", end_percent, 0, 1)
-        if start_percent > end_percent:
-            raise ResidualError(f"start_percent ({start_percent}) must not exceed end_percent ({end_percent}).")
-        check_rule(mask_rule, mask_value)
+        check_settings(strength, start_percent, end_percent, mask_rule, mask_value)
         targets = targets_of(model)
         residual.check_fits(targets)
         meta = residual.meta
@@ -148,22 +145,42 @@ class LagSampler(io.ComfyNode):
         if meta.base_hash and meta.base_hash != base_hash(model, targets):
             logging.warning("LAG Sampler: residual '%s %s' was trained on another checkpoint of the same family; "
                             "it may look different here.", meta.identifier, meta.class_word)
-        window = None
-        if start_percent > 0 or end_percent < 1:
-            sampling = model.get_model_object("model_sampling")
-            window = (sampling.percent_to_sigma(end_percent), sampling.percent_to_sigma(start_percent))
-        earlier = model.get_attachment(PATCH_KEY)  # concepts of LAG Samplers earlier in the chain
-        concepts = [*(earlier.concepts if earlier else []),
-                    LagConcept(residual, strength, (mask_rule, mask_value) if mode == "LAG" else None, window)]
-        patch = LagPatch(concepts, _sessions(concepts, clip, prompt), targets)
-
-        m = model.clone()  # the input MODEL keeps its own patch; this clone's replaces it
-        m.remove_wrappers_with_key(WrappersMP.DIFFUSION_MODEL, PATCH_KEY)
-        m.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, PATCH_KEY, patch.wrapper)
-        m.remove_callbacks_with_key(CallbacksMP.ON_PRE_RUN, PATCH_KEY)
-        m.add_callback_with_key(CallbacksMP.ON_PRE_RUN, PATCH_KEY, patch.on_pre_run)
-        m.set_attachments(PATCH_KEY, patch)
+        concept = LagConcept(residual, meta.identifier, meta.class_word, strength,
+                             (mask_rule, mask_value) if mode == "LAG" else None, sigma_window(model, start_percent, end_percent))
+        m = with_concept(model, concept, clip, prompt, targets)
         return io.NodeOutput(m, clip.encode_from_tokens_scheduled(clip.tokenize(prompt)))
+
+
+def check_settings(strength, start_percent, end_percent, mask_rule, mask_value) -> None:
+    """The settings every LAG node shares, checked before anything runs."""
+    check_range("strength", strength, -4, 4, "1 applies it as trained.")
+    check_range("start_percent", start_percent, 0, 1)
+    check_range("end_percent", end_percent, 0, 1)
+    if start_percent > end_percent:
+        raise ResidualError(f"start_percent ({start_percent}) must not exceed end_percent ({end_percent}).")
+    check_rule(mask_rule, mask_value)
+
+
+def sigma_window(model, start_percent: float, end_percent: float) -> tuple[float, float] | None:
+    """(low, high) sigma of the steps a concept applies in, or None for every step."""
+    if start_percent <= 0 and end_percent >= 1:
+        return None
+    sampling = model.get_model_object("model_sampling")
+    return sampling.percent_to_sigma(end_percent), sampling.percent_to_sigma(start_percent)
+
+
+def with_concept(model, concept: LagConcept, clip, prompt: str, targets):
+    """A clone of `model` whose LAG patch holds the chain's earlier concepts and this one, located in `prompt`."""
+    earlier = model.get_attachment(PATCH_KEY)  # concepts of LAG nodes earlier in the chain
+    concepts = [*(earlier.concepts if earlier else []), concept]
+    patch = LagPatch(concepts, _sessions(concepts, clip, prompt), targets)
+    m = model.clone()  # the input MODEL keeps its own patch; this clone's replaces it
+    m.remove_wrappers_with_key(WrappersMP.DIFFUSION_MODEL, PATCH_KEY)
+    m.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, PATCH_KEY, patch.wrapper)
+    m.remove_callbacks_with_key(CallbacksMP.ON_PRE_RUN, PATCH_KEY)
+    m.add_callback_with_key(CallbacksMP.ON_PRE_RUN, PATCH_KEY, patch.on_pre_run)
+    m.set_attachments(PATCH_KEY, patch)
+    return m
 
 
 class LagMaskPreview(io.ComfyNode):
@@ -173,12 +190,12 @@ class LagMaskPreview(io.ComfyNode):
             node_id="PersonalizedResidualLAGMaskPreview",
             display_name="LAG Mask Preview",
             category=CATEGORY,
-            description="Show where LAG applied the residuals in the last sampling run: each concept's mask "
-                        "averaged over blocks and steps, tinted over the images (or on black) in one colour per "
-                        "concept, in the order of the LAG Sampler chain: red, blue, green, yellow, magenta, cyan.",
+            description="Show where LAG applied the residuals and LoRAs in the last sampling run: each concept's "
+                        "mask averaged over blocks and steps, tinted over the images (or on black) in one colour per "
+                        "concept, in the order of the chain of LAG nodes: red, blue, green, yellow, magenta, cyan.",
             is_output_node=True,
             inputs=[
-                io.Model.Input("model", tooltip="The MODEL output of the LAG Sampler that the KSampler used."),
+                io.Model.Input("model", tooltip="The MODEL output of the LAG Sampler or LAG LoRA that the KSampler used."),
                 io.Latent.Input("latent", tooltip="The KSampler's output: runs this node after sampling."),
                 io.Image.Input("images", optional=True, tooltip="The decoded images, to draw the mask over them."),
             ],
@@ -192,7 +209,8 @@ class LagMaskPreview(io.ComfyNode):
     def execute(cls, model, latent, images=None) -> io.NodeOutput:
         patch = model.get_attachment(PATCH_KEY)
         if patch is None:
-            raise ResidualError("LAG Mask Preview: this MODEL has no LAG patch; connect the LAG Sampler's model output.")
+            raise ResidualError("LAG Mask Preview: this MODEL has no LAG patch; connect the model output of the LAG "
+                                "Sampler or LAG LoRA.")
         masks = [s.mean_masks() for s in patch.sessions if s is not None]
         if not any(masks):
             raise ResidualError("LAG Mask Preview: no masks were recorded. Sample with this MODEL first (mode LAG, "

@@ -160,6 +160,16 @@ def _place_new(tmp: str, path: str) -> None:
         os.replace(tmp, path)
 
 
+def read_tensors(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file (nothing is unpickled), with a ResidualError naming a damaged file."""
+    if not path.endswith(".safetensors"):
+        raise ResidualError(f"{os.path.basename(path)!r} is not a .safetensors file; only safetensors are read.")
+    try:
+        return safetensors.torch.load_file(path)
+    except Exception as e:  # safetensors raises its own error types for damaged headers and data
+        raise ResidualError(f"Can't read {os.path.basename(path)!r}: {e}. The file is damaged or not safetensors.") from None
+
+
 def load(path: str) -> ResidualSet:
     """Read a residual file (safetensors only: nothing is unpickled). Names and metadata are checked before
     any tensor is read, so a checkpoint or a regular LoRA is refused without loading it."""

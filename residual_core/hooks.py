@@ -1,14 +1,15 @@
 """How residuals enter a UNet: forward hooks, attached for a scope and removed after it.
 
-Hooks add `strength * M * (dW x)` to each proj_out's output (summed over concepts when there are
-several) instead of replacing modules or weights,
-so weight patches on the same layer (a stock LoRA), attention patches and offloading keep working, and
-the UNet is exactly as before once the scope ends. Training, LAG sampling and global sampling all go
-through attach().
+Hooks add `strength * M * (dW x)` to a layer's output (summed over concepts when there are several):
+every proj_out for a ResidualSet, any Linear or 1x1 conv for LoraLayers (a LoRA file's layers). They
+replace no module or weight, so weight patches on the same layer (a stock LoRA), attention patches and
+offloading keep working, and the UNet is exactly as before once the scope ends. Training, LAG sampling
+and global sampling all go through attach().
 """
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -16,46 +17,100 @@ import torch
 from torch import nn
 
 from .lag import LagSession, resolve_overlaps
+from .layers import LoraLayers
 from .residual import ResidualSet
 from .targets import Target, find_targets
 
 
 @dataclass
 class Concept:
-    """One residual on a UNet: applied everywhere, or (with a LagSession) where its words attend."""
+    """One residual on a UNet: applied everywhere, or (with a LagSession) where its words attend.
 
-    residual: ResidualSet
+    residual: a ResidualSet (the paper's proj_out residuals) or LoraLayers (a LoRA's layers anywhere)."""
+
+    residual: ResidualSet | LoraLayers
     strength: float = 1.0
     lag: LagSession | None = None
 
 
-def _proj_out_hook(target: Target, concepts: list[Concept]):
-    layers = [c.residual.layers[target.key] for c in concepts]
-    lagged = [i for i, c in enumerate(concepts) if c.lag is not None]
+class _BlockMasks:
+    """The LAG concepts' masks in each block during one UNet call, overlaps settled. Every hooked layer of
+    a block shares them; they are recomputed only when the block's attention maps have grown."""
+
+    def __init__(self, concepts: list[Concept]):
+        self.lagged = [(i, c.lag) for i, c in enumerate(concepts) if c.lag is not None]
+        self._cache: dict[tuple, tuple] = {}
+
+    def get(self, block: tuple, batch: int, tokens: int, device: torch.device, final: bool) -> dict[int, torch.Tensor]:
+        """Concept index -> mask [batch, tokens]. final: the block's end (its proj_out), where the maps are
+        complete: they are consumed and the masks recorded as applied."""
+        if final:
+            pairs = [s.weights(block, batch, tokens, device) for _, s in self.lagged]
+        else:
+            stamp = (batch, tokens, *(s.seen(block) for _, s in self.lagged))
+            cached = self._cache.get(block)
+            if cached is not None and cached[0] == stamp:
+                return cached[1]
+            pairs = [s.current(block, batch, tokens, device) for _, s in self.lagged]
+        masks = resolve_overlaps([p[0] for p in pairs], [p[1] for p in pairs])
+        out = {i: m for (i, _), m in zip(self.lagged, masks, strict=True)}
+        if final:
+            for (_, s), mask, (_, score) in zip(self.lagged, masks, pairs, strict=True):
+                s.applied(block, mask, score)
+            self._cache.pop(block, None)
+        else:
+            self._cache[block] = (stamp, out)
+        return out
+
+
+def _layer_hook(path: str, entries: list[tuple], masks: _BlockMasks, block: tuple | None, final: bool,
+                grids: dict[tuple, tuple[int, int]]):
+    """Adds each entry's delta (concept index, layer, strength, masked) to the module's output; masked ones
+    times their concept's mask in `block`. final: the module is the block's proj_out."""
+    lagged = block is not None and bool(masks.lagged) and (final or any(e[3] for e in entries))
 
     def hook(module, args, out):
         x = args[0]
-        masks = {}
+        if x.ndim == 4:  # a conv: [B, C, H, W]
+            b, _, h, w = x.shape
+            tokens, shape = h * w, (b, 1, h, w)
+        else:  # a linear layer on tokens: [B, N, C]
+            b, tokens = x.shape[0], x.shape[1]
+            shape = (b, tokens, 1)
+        lag = None
         if lagged:
-            if target.conv:  # x: [B, C, H, W]
-                b, _, h, w = x.shape
-                shape, tokens = (b, 1, h, w), h * w
-            else:  # x: [B, H*W, C]
-                b, tokens, _ = x.shape
-                shape = (b, tokens, 1)
-            weights = [concepts[i].lag.weights(target.block, b, tokens, x.device) for i in lagged]
-            resolved = resolve_overlaps([w[0] for w in weights], [w[1] for w in weights])
-            for i, mask, (_, score) in zip(lagged, resolved, weights, strict=True):
-                concepts[i].lag.applied(target.block, mask, score)
-                masks[i] = mask.view(shape)
-        for i, (concept, layer) in enumerate(zip(concepts, layers, strict=True)):
+            if final or grids.get(block) == (b, tokens):
+                lag = masks.get(block, b, tokens, x.device, final)
+            else:  # another patch merged or tiled the tokens (ToMe, HyperTile): positions can't be matched
+                warnings.warn(f"LAG: layer {path} sees {b}x{tokens} tokens, not its block's {grids.get(block)} (another "
+                              "node merges or tiles tokens); its delta is left out there.", stacklevel=1)
+        for i, layer, strength, masked in entries:
+            if masked and lag is None:
+                continue
             delta = layer.delta(x)
-            if i in masks:
-                delta = delta * masks[i].to(delta.dtype)
-            out = out + (delta * concept.strength if concept.strength != 1.0 else delta)
+            if masked:
+                delta = delta * lag[i].view(shape).to(delta.dtype)
+            out = out + (delta * strength if strength != 1.0 else delta)
         return out
 
     return hook
+
+
+def _submodule(root: nn.Module, path: str) -> nn.Module:
+    """root.get_submodule(path), several times faster (hundreds of lookups per UNet call with a LoRA)."""
+    for part in path.split("."):
+        root = root._modules[part]
+    return root
+
+
+def _grid_hook(block: tuple, grids: dict):
+    """Records the (batch, positions) of a SpatialTransformer's input, the grid its LAG masks are laid on."""
+
+    def pre_hook(module, args, kwargs):
+        x = args[0] if args else kwargs["x"]
+        grids[block] = (x.shape[0], x.shape[2] * x.shape[3])
+
+    return pre_hook
 
 
 def _attention_hooks(block: tuple, heads: int, sessions: list[LagSession]):
@@ -76,13 +131,15 @@ def _attention_hooks(block: tuple, heads: int, sessions: list[LagSession]):
 @contextmanager
 def attach(
     unet: nn.Module,
-    residual: ResidualSet | list[Concept],
+    residual: ResidualSet | LoraLayers | list[Concept],
     strength: float = 1.0,
     lag: LagSession | None = None,
     cond_or_uncond: list[int] | None = None,
     targets: list[Target] | None = None,
 ):
-    """Within the scope, every proj_out of `unet` adds its residual (masked by `lag` when given).
+    """Within the scope, every layer of `residual` adds its delta to its module's output: a ResidualSet's
+    on every proj_out, LoraLayers' on their modules; masked by `lag` when given (see layers.py for which
+    layers a mask applies to, and when).
 
     `residual` may also be a list of Concepts (then strength and lag are theirs): several concepts in one
     image, each masked by its own words; where LAG masks overlap, the concept that attends most wins.
@@ -91,18 +148,32 @@ def attach(
     """
     concepts = residual if isinstance(residual, list) else [Concept(residual, strength, lag)]
     targets = targets if targets is not None else find_targets(unet)
-    for concept in concepts:
-        concept.residual.check_fits(targets)
-        if concept.lag is not None:
+    entries: dict[str, list[tuple]] = {}
+    blocks: dict[str, tuple | None] = {}
+    for i, concept in enumerate(concepts):
+        lagged = concept.lag is not None
+        for path, (layer, block) in concept.residual.placement(unet, targets, lagged).items():
+            entries.setdefault(path, []).append((i, layer, concept.strength, lagged and block is not None))
+            blocks[path] = block
+        if lagged:
             concept.lag.begin_call(cond_or_uncond)
     sessions = [c.lag for c in concepts if c.lag is not None]
+    finals = {t.name for t in targets}
+    if sessions:  # every proj_out ends its block's maps, whether or not a concept has a layer there
+        for t in targets:
+            entries.setdefault(t.name, [])
+            blocks[t.name] = t.block
+    masks, grids = _BlockMasks(concepts), {}
+    gridded = {blocks[p] for p, es in entries.items() if p not in finals and any(e[3] for e in es)}
     handles = []
     try:
-        for t in targets:
-            handles.append(unet.get_submodule(t.name).register_forward_hook(_proj_out_hook(t, concepts)))
-            if not sessions:
-                continue
-            transformer = unet.get_submodule(t.name.rsplit(".", 1)[0])
+        for path, es in entries.items():
+            hook = _layer_hook(path, es, masks, blocks[path], path in finals, grids)
+            handles.append(_submodule(unet, path).register_forward_hook(hook))
+        for t in targets if sessions else ():  # after the layer hooks: q and k as the model computes them
+            transformer = _submodule(unet, t.name.rsplit(".", 1)[0])
+            if t.block in gridded:
+                handles.append(transformer.register_forward_pre_hook(_grid_hook(t.block, grids), with_kwargs=True))
             for block in transformer.transformer_blocks:
                 q_hook, k_hook = _attention_hooks(t.block, block.attn2.heads, sessions)
                 handles.append(block.attn2.to_q.register_forward_hook(q_hook))

@@ -65,7 +65,8 @@ class LagSession:
     """Attention maps in, masks out, for one concept across the UNet calls of a sampling run.
 
     The caller announces each UNet call with begin_call(); hooks on each block's attn2.to_q/to_k feed
-    record_q/record_k; the hook on proj_out asks weights() (or mask()) and reports what it applied.
+    record_q/record_k; the hook on proj_out asks weights() (or mask()) and reports what it applied; hooks on
+    other layers of the block (a LoRA's) ask current(), which leaves the maps for proj_out.
     Everything stays on the device: no host sync per step.
     """
 
@@ -140,12 +141,17 @@ class LagSession:
                 out.append(cond[:r])
         return torch.cat(out) if len(out) > 1 else out[0]
 
-    def weights(self, block: tuple, batch: int, tokens: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mask, score) [batch, tokens] for every row of the call. score is the attention divided by its
-        per-image max, for settling overlaps between concepts. From this call's cond rows; a call without
-        cond rows reuses the block's last ones (zeros before the first: the base model)."""
+    def seen(self, block: tuple) -> int:
+        """How many of the block's transformer blocks (its depth) this call has recorded attention for."""
+        return self._depth.get(block, 0)
+
+    def current(self, block: tuple, batch: int, tokens: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mask, score) [batch, tokens] for every row of the call, leaving the maps as they are: from this
+        call's cond rows over the depths seen so far; a call without cond rows, or a block whose attention
+        this call hasn't reached yet, reuses the block's last applied ones (zeros before the first: the base
+        model). score is the attention divided by its per-image max, for settling overlaps between concepts."""
         if block in self._maps:
-            attn = self._maps.pop(block) / self._depth.pop(block)
+            attn = self._maps[block] / self._depth[block]
             peak = attn.amax(-1, keepdim=True)
             score = torch.where(peak > 0, attn / peak, 0.0)
             return self._to_rows(threshold(attn, self.rule, self.value), batch), self._to_rows(score, batch)
@@ -154,6 +160,14 @@ class LagSession:
             zeros = torch.zeros(batch, tokens, device=device)
             return zeros, zeros
         return tuple(t.repeat(batch // t.shape[0], 1) for t in last)
+
+    def weights(self, block: tuple, batch: int, tokens: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """current() over the block's whole depth, at the end of the block (its proj_out): its maps are
+        consumed, so the next call starts afresh."""
+        out = self.current(block, batch, tokens, device)
+        self._maps.pop(block, None)
+        self._depth.pop(block, None)
+        return out
 
     def applied(self, block: tuple, mask: torch.Tensor, score: torch.Tensor) -> None:
         """Record the mask as applied (after overlaps) for the block's next cond-free call and the preview."""

@@ -167,6 +167,11 @@ class ResidualSet(nn.Module):
                     f"({'conv' if t.conv else 'linear'}). {fix}"
                 )
 
+    def placement(self, unet: nn.Module, targets: list[Target], lagged: bool) -> dict[str, tuple[LowRankResidual, tuple]]:
+        """Module path -> (layer, the block whose LAG mask it takes), as attach() applies it (see LoraLayers)."""
+        self.check_fits(targets)
+        return {t.name: (self.layers[t.key], t.block) for t in targets}
+
     def forget_casts(self) -> None:
         for layer in self.layers.values():
             layer.forget_cast()

@@ -25,6 +25,7 @@ OUTPUTS = {
     "PersonalizedResidualLoad": [("residual", "PERSONALIZED_RESIDUAL"), ("class_word", "STRING"),
                                  ("identifier", "STRING")],
     "PersonalizedResidualLAGSampler": [("model", "MODEL"), ("positive", "CONDITIONING")],
+    "PersonalizedResidualLAGLoRA": [("model", "MODEL"), ("positive", "CONDITIONING"), ("clip", "CLIP")],
     "PersonalizedResidualLAGMaskPreview": [("mask_preview", "IMAGE")],
     "LoraLoaderModelOnly": [("MODEL", "MODEL")],
     "CLIPTextEncode": [("CONDITIONING", "CONDITIONING")],
@@ -38,7 +39,8 @@ OUTPUTS = {
 SIZES = {
     "CheckpointLoaderSimple": (320, 100), "LoadImageSetFromFolderNode": (320, 90), "PersonalizedResidualTrain": (320, 380),
     "PersonalizedResidualSave": (360, 80), "PersonalizedResidualLoad": (320, 110), "PersonalizedResidualLAGSampler": (400, 300),
-    "PersonalizedResidualLAGMaskPreview": (300, 320), "LoraLoaderModelOnly": (320, 90), "CLIPTextEncode": (400, 150),
+    "PersonalizedResidualLAGLoRA": (400, 440), "PersonalizedResidualLAGMaskPreview": (300, 320),
+    "LoraLoaderModelOnly": (320, 90), "CLIPTextEncode": (400, 150),
     "EmptyLatentImage": (320, 110), "KSampler": (300, 270), "VAEDecode": (200, 50), "SaveImage": (300, 320),
     "PreviewImage": (420, 300),
 }
@@ -115,6 +117,16 @@ WORKFLOWS = {
         checkpoint(1, (40, 80)),
         Node(2, "PersonalizedResidualLoad", (40, 220), widgets={"residual_name": RESIDUAL}),
         lag_sampler(3, (400, 80), (1, 0), (2, 0), (1, 1)), *sampling(4, 400, 80, (3, 0), (3, 1), (1, 1), (1, 2)),
+    ],
+    # Any LoRA with LAG: its layers inside the transformer blocks only where the trigger word attends. The file
+    # named is the residual train_and_save writes (a kohya LoRA too); pick your own LoRA in its place.
+    "lag_lora": [
+        checkpoint(1, (40, 80)),
+        Node(2, "PersonalizedResidualLAGLoRA", (40, 220), {"model": (1, 0), "clip": (1, 1)}, {
+            "lora_name": f"personalized_residuals/{RESIDUAL}", "trigger_word": "sks", "class_word": "dog",
+            "prompt": PROMPT, "strength": 1.0, "unmaskable_layers": "apply globally", "mask_rule": "max_fraction",
+            "mask_value": 0.5, "start_percent": 0.0, "end_percent": 1.0}),
+        *sampling(3, 480, 80, (2, 0), (2, 1), (2, 2), (1, 2)),
     ],
     # The saved file as an ordinary LoRA: the stock loader applies it everywhere (no LAG, no mask).
     "stock_lora_loader": [

@@ -21,6 +21,7 @@ NODE_IDS = {
     "PersonalizedResidualSave": "Save Residual",
     "PersonalizedResidualLoad": "Load Residual",
     "PersonalizedResidualLAGSampler": "LAG Sampler",
+    "PersonalizedResidualLAGLoRA": "LAG LoRA",
     "PersonalizedResidualLAGMaskPreview": "LAG Mask Preview",
 }
 
@@ -28,7 +29,7 @@ NODE_IDS = {
 PHOTOS = [torch.rand(2, 64, 64, 3), torch.rand(1, 96, 64, 3)]  # a list of two sizes, as from a folder
 
 
-def test_comfyuis_own_loader_registers_the_five_nodes():
+def test_comfyuis_own_loader_registers_the_six_nodes():
     for node_id in NODE_IDS:
         comfy_nodes.NODE_CLASS_MAPPINGS.pop(node_id, None)
     assert asyncio.run(comfy_nodes.load_custom_node(str(ROOT))) is True

@@ -1,0 +1,187 @@
+"""LAG LoRA: any LoRA file (kohya, diffusers or ComfyUI layout), applied where its trigger word attends.
+
+ComfyUI's own parser reads the file (comfy.lora.load_lora, as the stock LoraLoader does). The plain LoRA
+layers a spatial mask can apply to (see residual_core/layers.py) join the chain's LAG patch as LoraLayers
+and are masked per transformer block; every other layer (cross-attention to_k/to_v, layers outside the
+transformer blocks, the text encoder's, and LoHa/LoKr/3x3-conv/DoRA layers anywhere) is either patched
+into the weights as the stock loader does ("apply globally") or left out ("skip").
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import comfy.lora
+import comfy.lora_convert
+import folder_paths
+from comfy.weight_adapter import LoRAAdapter
+from comfy_api.latest import io
+
+from ..residual_core import MASK_RULES, LoraLayers, ResidualError, fileformat, layer_block, low_rank
+from ..residual_core.targets import family_label, model_family
+from .comfy_model import targets_of
+from .lag import LagConcept, check_settings, sigma_window, with_concept
+from .residual_type import CATEGORY
+
+UNMASKABLE_LAYERS = ("apply globally", "skip")
+_UNET = "diffusion_model."
+
+
+def lora_names() -> list[str]:
+    return [n for n in folder_paths.get_filename_list("loras") if n.lower().endswith(".safetensors")]
+
+
+def _name(key) -> str:
+    return key[0] if isinstance(key, tuple) else key  # ComfyUI keys a patch on part of a weight as (name, offset, ...)
+
+
+def _maskable_factors(key, patch) -> tuple | None:
+    """(up, down, alpha) of a plain LoRA patch on a whole weight; None for anything else."""
+    if not (isinstance(key, str) and key.endswith(".weight") and isinstance(patch, LoRAAdapter)):
+        return None
+    up, down, alpha, mid, dora_scale, reshape = patch.weights[:6]
+    if mid is not None or dora_scale is not None or reshape is not None:
+        return None
+    if any(t.ndim == 4 and t.shape[2:] != (1, 1) for t in (up, down)):
+        return None  # a 3x3 conv (LoCon)
+    return up, down, alpha
+
+
+def _check_shape(key: str, patch: LoRAAdapter, weight, family: str) -> None:
+    up, down, _, mid, _, reshape = patch.weights[:6]
+    ours, theirs = (up.shape[0], down.shape[1:].numel()), (weight.shape[0], weight.shape[1:].numel())
+    if mid is None and reshape is None and ours != theirs:
+        raise ResidualError(f"This LoRA was made for another model: its layer {key[len(_UNET):-len('.weight')]} is "
+                            f"{ours[0]}x{ours[1]}, the model's ({family}) is {theirs[0]}x{theirs[1]}. Pick a LoRA made "
+                            f"for {family}.")
+
+
+def split_lora(model, clip, sd: dict, targets) -> tuple[dict, dict, dict]:
+    """The file's layers as (masked: UNet path -> LowRankResidual, unmaskable UNet patches, text-encoder patches),
+    the patches keyed as ComfyUI's add_patches takes them."""
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    if hasattr(clip, "cond_stage_model"):
+        key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
+    patches = comfy.lora.load_lora(comfy.lora_convert.convert_lora(sd), key_map)
+    family = family_label(model_family(targets))
+    masked, unmaskable, text_encoder = {}, {}, {}
+    for key, patch in patches.items():
+        if not _name(key).startswith(_UNET):
+            text_encoder[key] = patch
+            continue
+        path = _name(key)[len(_UNET):].rsplit(".", 1)[0]
+        weight = model.get_model_object(_name(key))
+        if isinstance(patch, LoRAAdapter) and isinstance(key, str):
+            _check_shape(key, patch, weight, family)
+        factors = _maskable_factors(key, patch)
+        if factors is None or layer_block(path, targets) is None:
+            unmaskable[key] = patch
+            continue
+        up, down, alpha = factors
+        masked[path] = low_rank(up.float(), down.float(), alpha, conv=weight.ndim == 4)
+    if not masked:
+        if not unmaskable and not text_encoder:
+            raise ResidualError(f"This LoRA has no layers for this model ({family}): none of its {len(sd)} tensors "
+                                f"names one of its layers (e.g. {min(sd, default='nothing')!r}). It was made for "
+                                f"another model; pick a LoRA made for {family}.")
+        where = "only the text encoder" if not unmaskable else \
+            f"no layer inside the transformer blocks that a mask can apply to (e.g. {_name(min(unmaskable, key=_name))})"
+        raise ResidualError(f"This LoRA changes {where}, so LAG has nothing to mask. Load it with the stock LoraLoader, "
+                            "which applies it everywhere.")
+    return masked, unmaskable, text_encoder
+
+
+class LagLora(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PersonalizedResidualLAGLoRA",
+            display_name="LAG LoRA",
+            category=CATEGORY,
+            description=(
+                "Apply any LoRA (kohya, diffusers or ComfyUI layout) only where its trigger word and class word "
+                "attend, like LAG Sampler does for a residual: its layers inside the transformer blocks are masked "
+                "per block, so the rest of the image keeps the base model. Layers that can't be masked (the "
+                "cross-attention key/value layers, which act on the prompt; layers outside the transformer blocks; "
+                "the text encoder's) are applied everywhere or skipped. Chains with LAG Sampler and other LAG LoRAs "
+                "(several concepts in one image). Connect model and positive to the KSampler."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The MODEL to sample with (the checkpoint's, or after other patches, "
+                               "LAG Sampler and LAG LoRA included)."),
+                io.Clip.Input("clip", tooltip="The checkpoint's CLIP: encodes the prompt and finds the trigger word's "
+                              "tokens."),
+                io.Combo.Input("lora_name", options=lora_names(), tooltip="A .safetensors LoRA in models/loras/, made "
+                               "for this model's family (SD1.x, SD2.x or SDXL)."),
+                io.String.Input("trigger_word", default="sks", tooltip="The LoRA's trigger word (identifier), as it "
+                                "appears in the prompt, e.g. 'sks' or 'ohwx'."),
+                io.String.Input("class_word", default="dog", tooltip="The class of the LoRA's subject, written right "
+                                "after the trigger word in the prompt ('sks dog', 'ohwx woman')."),
+                io.String.Input("prompt", multiline=True, default="a photo of a sks dog on the beach",
+                                tooltip="The positive prompt. It must contain the trigger word followed by the class "
+                                "word, e.g. 'a sks dog' (weights like '(sks dog:1.2)' are fine)."),
+                io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.05,
+                               tooltip="Multiplies the LoRA, as the stock loader's strength does."),
+                io.Combo.Input("unmaskable_layers", options=list(UNMASKABLE_LAYERS), default=UNMASKABLE_LAYERS[0],
+                               tooltip="The layers a spatial mask can't apply to (cross-attention to_k/to_v, which act "
+                               "on the prompt's tokens; layers outside the transformer blocks; the text encoder's; "
+                               "LoHa/LoKr/3x3-conv layers): 'apply globally' patches them in everywhere as the stock "
+                               "loader does (at every step); 'skip' leaves them out (more local, maybe less like the "
+                               "LoRA)."),
+                io.Combo.Input("mask_rule", options=list(MASK_RULES), default="max_fraction", tooltip="How attention "
+                               "becomes a mask: max_fraction (>= value x the max), median or mean (above the "
+                               "image's median / mean), soft (graded: (attention / max) ^ value)."),
+                io.Float.Input("mask_value", default=0.5, min=0.01, max=10.0, step=0.01, tooltip="max_fraction: the "
+                               "fraction of the max (0.5); soft: the exponent (1 = linear); unused by median and mean."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Apply the masked layers from this point of the sampling schedule..."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="...up to this point (layers applied globally act at every step)."),
+            ],
+            outputs=[
+                io.Model.Output("lag_model", display_name="model", tooltip="The model with the LoRA; the input MODEL is "
+                                "unchanged."),
+                io.Conditioning.Output("positive", display_name="positive", tooltip="The encoded prompt (with the "
+                                       "LoRA's text-encoder layers when they are applied): the KSampler's positive "
+                                       "input."),
+                io.Clip.Output("lag_clip", display_name="clip", tooltip="The CLIP with the LoRA's text-encoder layers "
+                               "when they are applied (else the input CLIP): encode the negative prompt with it, as "
+                               "after the stock LoraLoader."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, lora_name, trigger_word, class_word, prompt, strength, unmaskable_layers,
+                mask_rule, mask_value, start_percent, end_percent) -> io.NodeOutput:
+        check_settings(strength, start_percent, end_percent, mask_rule, mask_value)
+        for name, word in (("trigger_word", trigger_word), ("class_word", class_word)):
+            if not word.strip():
+                raise ResidualError(f"{name} is empty: LAG finds the LoRA's subject in the prompt by its trigger word "
+                                    "and class word (e.g. 'ohwx' and 'woman' for the prompt 'a photo of ohwx woman').")
+        if unmaskable_layers not in UNMASKABLE_LAYERS:
+            raise ResidualError(f"unmaskable_layers must be one of {list(UNMASKABLE_LAYERS)}, got {unmaskable_layers!r}.")
+        if not lora_name.lower().endswith(".safetensors"):
+            raise ResidualError(f"lora_name {lora_name!r}: only .safetensors LoRAs are read (other formats can run code "
+                                "when loaded). Convert it, or pick another LoRA.")
+        path = folder_paths.get_full_path("loras", lora_name)
+        if path is None:
+            raise ResidualError(f"No LoRA {lora_name!r} in models/loras/. Pick one from the list (press R in the UI to "
+                                "refresh it).")
+        targets = targets_of(model)
+        masked, unmaskable, text_encoder = split_lora(model, clip, fileformat.read_tensors(path), targets)
+        apply_everywhere = unmaskable_layers == "apply globally"
+        window = sigma_window(model, start_percent, end_percent)
+        logging.info("LAG LoRA %s: %d layers masked, %d UNet and %d text-encoder layers %s.", os.path.basename(lora_name),
+                     len(masked), len(unmaskable), len(text_encoder), "applied everywhere" if apply_everywhere else "skipped")
+        if apply_everywhere and window and unmaskable:
+            logging.warning("LAG LoRA %s: start/end percent gate the masked layers only; the %d layers applied "
+                            "everywhere act at every step.", lora_name, len(unmaskable))
+        if apply_everywhere and text_encoder:
+            clip = clip.clone()
+            clip.add_patches(text_encoder, strength)
+        concept = LagConcept(LoraLayers(masked), trigger_word, class_word, strength, (mask_rule, mask_value), window)
+        m = with_concept(model, concept, clip, prompt, targets)
+        if apply_everywhere and unmaskable:
+            m.add_patches(unmaskable, strength)
+        return io.NodeOutput(m, clip.encode_from_tokens_scheduled(clip.tokenize(prompt)), clip)
