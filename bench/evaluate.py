@@ -177,6 +177,9 @@ def run(model, concepts: list[Concept], seeds: list[int], lrs: dict, judge, only
                     ours_seconds = trained.seconds
                     variants += [(lag_name(r, v), methods.with_lag(trained, IDENTIFIER, concept.class_word, r, v))
                                  for r, v in LAG_RULES]
+                if name == "LoRA attention r4":  # LAG for any LoRA: the same adapters, masked
+                    variants += [(f"{name} + LAG, k/v {u}", methods.with_lag(trained, IDENTIFIER, concept.class_word,
+                                                                             *LAG_RULES[0], u)) for u in ("global", "skip")]
                 for vname, t in variants:
                     images = sample_prompts(t, model, prompts, sample_seeds)
                     if keep:

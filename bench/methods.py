@@ -15,12 +15,13 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from personalized_residuals.residual_core import (
     LagSession,
+    LoraLayers,
     LowRankResidual,
     ResidualSet,
     TrainConfig,
@@ -47,7 +48,7 @@ class Trained:
     parameters: int
     file_bytes: int
     seconds: float
-    residual: ResidualSet | None = None
+    layers: ResidualSet | LoraLayers | None = None  # what attach() applies, for the methods that are hooks
 
     def sample(self, caption: str, seeds: list[int], **kw) -> torch.Tensor:
         return self.model.sample([caption] * len(seeds), seeds, patch=self.patch(caption), **kw)
@@ -79,16 +80,19 @@ def residuals(model: WorldModel, latents, captions, config: TrainConfig, rank_fr
                    seconds, residual)
 
 
-def with_lag(trained: Trained, identifier: str, class_word: str, rule: str, value: float) -> Trained:
-    """The same residual, sampled with LAG: masks from the caption's identifier and class-word tokens."""
-    model, residual = trained.model, trained.residual
+def with_lag(trained: Trained, identifier: str, class_word: str, rule: str, value: float,
+             unmaskable: str = "global") -> Trained:
+    """The same residual (or LoRA) sampled with LAG: masks from the caption's identifier and class-word
+    tokens. For a LoRA, `unmaskable` says what its text-side layers (attn2 to_k/to_v) do: global or skip."""
+    model = trained.model
+    layers = trained.layers if isinstance(trained.layers, ResidualSet) else LoraLayers(trained.layers.layers, unmaskable)
 
     def patch(caption):
         concept = locate_concept(model.tokenize, caption, identifier, class_word)
         session = LagSession(concept.positions, concept.prompt_tokens, rule, value)
-        return lambda: attach(model.unet, residual, lag=session, cond_or_uncond=[1, 0])  # sample() batches [uncond; cond]
+        return lambda: attach(model.unet, layers, lag=session, cond_or_uncond=[1, 0])  # sample() batches [uncond; cond]
 
-    return Trained(model, patch, trained.parameters, trained.file_bytes, trained.seconds, residual)
+    return Trained(model, patch, trained.parameters, trained.file_bytes, trained.seconds, layers)
 
 
 def _adapters_on(modules: dict[str, torch.nn.Linear], rank: int, seed: int) -> dict[str, LowRankResidual]:
@@ -101,33 +105,23 @@ def _adapters_on(modules: dict[str, torch.nn.Linear], rank: int, seed: int) -> d
     return adapters
 
 
-@contextmanager
-def _hooked(modules: dict[str, torch.nn.Module], adapters: dict[str, LowRankResidual]):
-    handles = [modules[n].register_forward_hook(lambda m, args, out, a=a: out + a.delta(args[0]))
-               for n, a in adapters.items()]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def lora_attn(model: WorldModel, latents, captions, config: TrainConfig, rank: int = 4) -> Trained:
     modules = {n: m for n, m in model.unet.named_modules()
                if any(n.endswith(f"{a}.{p}") for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out.0"))}
-    adapters = _adapters_on(modules, rank, config.seed)
-    params = [p for a in adapters.values() for p in a.parameters()]
+    lora = LoraLayers(_adapters_on(modules, rank, config.seed))
+    params = [p for a in lora.layers.values() for p in a.parameters()]
     for p in params:
         p.requires_grad_(True)
     started = time.perf_counter()
-    with frozen(model.unet), _hooked(modules, adapters):
+    with frozen(model.unet), attach(model.unet, lora):
         fit(params, _concept_denoiser(model, captions), latents, model.alphas_cumprod, model.prediction, config)
     seconds = time.perf_counter() - started
     for p in params:
         p.requires_grad_(False)
-    state = {f"{n}.{k}": v for n, a in adapters.items() for k, v in a.state_dict().items()}
-    return Trained(model, lambda caption: lambda: _hooked(modules, adapters), sum(p.numel() for p in params),
-                   _file_bytes(state), seconds)
+    lora.forget_casts()
+    state = {f"{n}.{k}": v for n, a in lora.layers.items() for k, v in a.state_dict().items()}
+    return Trained(model, lambda caption: lambda: attach(model.unet, lora), sum(p.numel() for p in params),
+                   _file_bytes(state), seconds, lora)
 
 
 def _fine_tune(model: WorldModel, latents, captions, config: TrainConfig, select: Callable[[str], bool]) -> Trained:

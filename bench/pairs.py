@@ -88,7 +88,7 @@ def run_pairs(model, concepts: list[WorldConcept], seeds: list[int], lr: float, 
         for seed in seeds:
             config = TrainConfig(steps=150, batch_size=4, lr=lr, seed=seed)
             trained = [methods.residuals(model, to_latent(render(c.references())).to(model.device),
-                                         [f"a {ident} {c.class_word}"], config, rank_fraction).residual
+                                         [f"a {ident} {c.class_word}"], config, rank_fraction).layers
                        for c, ident in ((a, IDS[0]), (b, IDS[1]))]
             for r, c, ident in zip(trained, (a, b), IDS, strict=True):
                 r.meta.identifier, r.meta.class_word = ident, c.class_word

@@ -54,13 +54,13 @@ def workflow_checkpoint() -> str:
     return next(n["inputs"]["ckpt_name"] for n in graph.values() if n["class_type"] == "CheckpointLoaderSimple")
 
 
-def write_photos(folder: Path, count: int = 3, size: int = 64) -> None:
+def write_photos(folder: Path, count: int = 3, size: int = 64, seed: int = 0) -> None:
     """Seeded 'concept photos': a coloured disc on a plain background, the same size (the stock folder
     loader needs that)."""
     import numpy as np
     from PIL import Image, ImageDraw
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(count):
         image = Image.new("RGB", (size, size), tuple(int(c) for c in rng.integers(0, 255, 3)))
@@ -109,7 +109,8 @@ def free_port() -> int:
 
 class ComfyServer:
     """A base directory laid out for the shipped workflows (the checkpoint under the name they load, the
-    photos in input/concept/), and the server process on it."""
+    photos in input/concept/ and, for the second concept of two_concepts, input/concept_b/), and the server
+    process on it."""
 
     def __init__(self, base: Path, checkpoint: Path):
         self.base = base
@@ -118,6 +119,7 @@ class ComfyServer:
         (base / "custom_nodes" / PACK_FOLDER).symlink_to(ROOT, target_is_directory=True)
         (base / "models" / "checkpoints" / workflow_checkpoint()).symlink_to(checkpoint)
         write_photos(base / "input" / "concept")
+        write_photos(base / "input" / "concept_b", seed=1)
         (base / "user" / "default" / "comfy.settings.json").write_text(json.dumps(SETTINGS))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

@@ -26,7 +26,7 @@ else
     if [ ! -x .venv/bin/python ]; then
         python3 -m venv .venv
         .venv/bin/python -m pip install -q --upgrade pip
-        .venv/bin/python -m pip install -q torch==2.13.0 safetensors numpy einops "${TEST_PACKAGES[@]}"
+        .venv/bin/python -m pip install -q -r bench/requirements.txt "${TEST_PACKAGES[@]}"
     fi
     PY=.venv/bin/python
     echo "tests: tier 1 only -- TIER 2 SKIPPED (with the server and browser tests): no ComfyUI at $COMFY (see README, 'Tier 2')"

@@ -50,6 +50,7 @@ CONTROL_AFTER_GENERATE = {("KSampler", "seed")}
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 RESIDUAL = "sks_dog_00001.safetensors"  # what train_and_save writes first
 PROMPT = "a photo of a sks dog on the beach"
+TWO_PROMPT = "a photo of a sks dog and a zwx cat on the beach"
 
 
 @dataclass
@@ -66,9 +67,9 @@ def checkpoint(id, pos):
     return Node(id, "CheckpointLoaderSimple", pos, widgets={"ckpt_name": CHECKPOINT})
 
 
-def lag_sampler(id, pos, model, residual, clip):
+def lag_sampler(id, pos, model, residual, clip, prompt=PROMPT):
     return Node(id, "PersonalizedResidualLAGSampler", pos, {"model": model, "residual": residual, "clip": clip}, {
-        "prompt": PROMPT, "strength": 1.0, "mode": "LAG", "mask_rule": "max_fraction", "mask_value": 0.5,
+        "prompt": prompt, "strength": 1.0, "mode": "LAG", "mask_rule": "max_fraction", "mask_value": 0.5,
         "start_percent": 0.0, "end_percent": 1.0})
 
 
@@ -91,18 +92,18 @@ def sampling(first_id, x, y, model, positive, clip, vae, mask_preview=True):
     return nodes
 
 
-def training(first_id, ckpt):
+def training(first_id, ckpt, folder="concept", identifier="sks", class_word="dog", y=80):
     i = first_id
     return [
-        Node(i, "LoadImageSetFromFolderNode", (40, 220), widgets={"folder": "concept", "resize_method": "None"},
-             title="concept photos (input/concept/)"),
-        Node(i + 1, "PersonalizedResidualTrain", (400, 80),
+        Node(i, "LoadImageSetFromFolderNode", (40, y + 140), widgets={"folder": folder, "resize_method": "None"},
+             title=f"concept photos (input/{folder}/)"),
+        Node(i + 1, "PersonalizedResidualTrain", (400, y),
              {"model": (ckpt, 0), "clip": (ckpt, 1), "vae": (ckpt, 2), "images": (i, 0)},
-             {"class_word": "dog", "identifier": "sks", "steps": 150, "learning_rate": 0.001, "batch_size": 4,
-              "rank_fraction": 0.05, "seed": 0, "resolution": 512, "flip": False, "init": "zero",
+             {"class_word": class_word, "identifier": identifier, "steps": 150, "learning_rate": 0.001,
+              "batch_size": 4, "rank_fraction": 0.05, "seed": 0, "resolution": 512, "flip": False, "init": "zero",
               "gradient_checkpointing": False}),
-        Node(i + 2, "PreviewImage", (760, 260), {"images": (i + 1, 1)}, title="loss curve"),
-        Node(i + 3, "PersonalizedResidualSave", (760, 80), {"residual": (i + 1, 0)}, {"filename_prefix": ""}),
+        Node(i + 2, "PreviewImage", (760, y + 180), {"images": (i + 1, 1)}, title="loss curve"),
+        Node(i + 3, "PersonalizedResidualSave", (760, y), {"residual": (i + 1, 0)}, {"filename_prefix": ""}),
     ]
 
 
@@ -128,6 +129,12 @@ WORKFLOWS = {
             "mask_value": 0.5, "start_percent": 0.0, "end_percent": 1.0}),
         *sampling(3, 480, 80, (2, 0), (2, 1), (2, 2), (1, 2)),
     ],
+    # Two concepts in one image: each trained on its own photos, then a chain of two LAG Samplers. The last
+    # prompt names both; each residual applies only where its own words attend.
+    "two_concepts": [checkpoint(1, (40, 80)), *training(2, 1), *training(6, 1, "concept_b", "zwx", "cat", y=620),
+                     lag_sampler(10, (40, 1160), (1, 0), (3, 0), (1, 1), TWO_PROMPT),
+                     lag_sampler(11, (40, 1500), (10, 0), (7, 0), (1, 1), TWO_PROMPT),
+                     *sampling(12, 480, 1160, (11, 0), (11, 1), (1, 1), (1, 2))],
     # The saved file as an ordinary LoRA: the stock loader applies it everywhere (no LAG, no mask).
     "stock_lora_loader": [
         checkpoint(1, (40, 80)),

@@ -88,6 +88,19 @@ def test_train_and_sample_in_one_graph(client, comfy_server):
         assert len(run.images(node_of(graph, node))) == 1, node
 
 
+def test_two_concepts_trained_and_sampled_in_one_graph(client, comfy_server):
+    graph = api_workflow("two_concepts")
+    run = client.run(graph)
+    assert_succeeded(run)
+    saved = {o["residual_name"][0] for n, o in run.outputs.items() if "residual_name" in o}
+    assert {name.split("_0")[0] for name in saved} == {"sks_dog", "zwx_cat"}
+    for name in saved:
+        assert fileformat.load(str(comfy_server.loras / name)).meta.identifier in ("sks", "zwx")
+    [render] = run.images(node_of(graph, "SaveImage"))
+    [preview] = run.images(node_of(graph, "PersonalizedResidualLAGMaskPreview"))
+    assert picture(client, render).shape == picture(client, preview).shape == (64, 64, 3)
+
+
 def test_the_stock_lora_loader_applies_the_saved_file(trained, client):
     graph = api_workflow("stock_lora_loader")
     run = client.run(graph)
