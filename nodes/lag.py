@@ -85,6 +85,21 @@ def _sessions(concepts: list[LagConcept], clip, prompt: str) -> list[LagSession 
     return sessions
 
 
+def mask_and_window_inputs(what: str, outside: str) -> list:
+    """The LAG settings LAG Sampler and LAG LoRA share: how attention becomes a mask, and when it applies."""
+    return [
+        io.Combo.Input("mask_rule", options=list(MASK_RULES), default="max_fraction", tooltip="How attention "
+                       "becomes a mask: max_fraction (>= value x the max), median or mean (above the image's median / "
+                       "mean), soft (graded: (attention / max) ^ value)."),
+        io.Float.Input("mask_value", default=0.5, min=0.01, max=10.0, step=0.01, tooltip="max_fraction: the "
+                       "fraction of the max (0.5); soft: the exponent (1 = linear); unused by median and mean."),
+        io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                       tooltip=f"Apply {what} from this point of the sampling schedule..."),
+        io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                       tooltip=f"...up to this point. {outside}"),
+    ]
+
+
 class LagSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -109,15 +124,7 @@ class LagSampler(io.ComfyNode):
                                tooltip="Multiplies the residual (1 = as trained)."),
                 io.Combo.Input("mode", options=list(MODES), default="LAG", tooltip="LAG: only where the concept is "
                                "attended. global: everywhere, like a LoRA loader."),
-                io.Combo.Input("mask_rule", options=list(MASK_RULES), default="max_fraction", tooltip="How attention "
-                               "becomes a mask: max_fraction (>= value x the max), median or mean (above the "
-                               "image's median / mean), soft (graded: (attention / max) ^ value)."),
-                io.Float.Input("mask_value", default=0.5, min=0.01, max=10.0, step=0.01, tooltip="max_fraction: the "
-                               "fraction of the max (0.5); soft: the exponent (1 = linear); unused by median and mean."),
-                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Apply the residual from this point of the sampling schedule..."),
-                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="...up to this point. Outside, the base model samples alone."),
+                *mask_and_window_inputs("the residual", "Outside, the base model samples alone."),
             ],
             outputs=[
                 io.Model.Output("lag_model", display_name="model", tooltip="The model with the residual; the input MODEL "

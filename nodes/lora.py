@@ -18,10 +18,10 @@ import folder_paths
 from comfy.weight_adapter import LoRAAdapter
 from comfy_api.latest import io
 
-from ..residual_core import MASK_RULES, LoraLayers, ResidualError, fileformat, layer_block, low_rank
+from ..residual_core import LoraLayers, ResidualError, fileformat, layer_block, low_rank
 from ..residual_core.targets import family_label, model_family
 from .comfy_model import targets_of
-from .lag import LagConcept, check_settings, sigma_window, with_concept
+from .lag import LagConcept, check_settings, mask_and_window_inputs, sigma_window, with_concept
 from .residual_type import CATEGORY
 
 UNMASKABLE_LAYERS = ("apply globally", "skip")
@@ -129,15 +129,7 @@ class LagLora(io.ComfyNode):
                                "LoHa/LoKr/3x3-conv layers): 'apply globally' patches them in everywhere as the stock "
                                "loader does (at every step); 'skip' leaves them out (more local, maybe less like the "
                                "LoRA)."),
-                io.Combo.Input("mask_rule", options=list(MASK_RULES), default="max_fraction", tooltip="How attention "
-                               "becomes a mask: max_fraction (>= value x the max), median or mean (above the "
-                               "image's median / mean), soft (graded: (attention / max) ^ value)."),
-                io.Float.Input("mask_value", default=0.5, min=0.01, max=10.0, step=0.01, tooltip="max_fraction: the "
-                               "fraction of the max (0.5); soft: the exponent (1 = linear); unused by median and mean."),
-                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Apply the masked layers from this point of the sampling schedule..."),
-                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="...up to this point (layers applied globally act at every step)."),
+                *mask_and_window_inputs("the masked layers", "Layers applied globally act at every step."),
             ],
             outputs=[
                 io.Model.Output("lag_model", display_name="model", tooltip="The model with the LoRA; the input MODEL is "
