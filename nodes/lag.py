@@ -79,6 +79,8 @@ def _sessions(concepts: list[LagConcept], clip, prompt: str) -> list[LagSession 
         try:
             found = locate_concept(tokenize, prompt, c.identifier, c.class_word)
         except ResidualError as e:
+            if len(concepts) == 1:
+                raise
             raise ResidualError(f"Concept '{c.name}' of this LAG chain: {e} The prompt of the chain's last LAG node "
                                 "must name every concept of the chain.") from None
         sessions.append(LagSession(found.positions, found.prompt_tokens, *c.rule))
