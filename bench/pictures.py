@@ -66,14 +66,16 @@ def scatter_png(path: Path, summary: dict[str, dict], size=(760, 520)) -> None:
     for v in (x0, x1):
         draw.text((at(v, y0)[0] - 14, size[1] - bottom + 6), f"{v:.2f}", fill="black", font=font)
     colors = ["#1f6fd0", "#d0401f", "#2a9d3a", "#8a3fd0", "#d09a1f", "#1fb0b0", "#555555", "#d01f8a", "#7a5c2e",
-              "#3f3fd0", "#909000", "#000000"]
+              "#3f3fd0", "#909000", "#000000", "#e07070", "#70b0e0", "#50d050", "#a0a0a0"]
     for i, (method, ((lx, lsd), (iy, isd))) in enumerate(pts.items()):
         c = colors[i % len(colors)]
         px, py = at(lx, iy)
         draw.line([at(lx - lsd, iy), at(lx + lsd, iy)], fill=c, width=1)
         draw.line([at(lx, iy - isd), at(lx, iy + isd)], fill=c, width=1)
         draw.ellipse([px - 4, py - 4, px + 4, py + 4], fill=c)
-        draw.text((size[0] - right + 10, top + 14 * i), f"● {method}", fill=c, font=font)
+        ly = top + 14 * i + 6  # the default font has no bullet glyph: the legend's dot is drawn
+        draw.ellipse([size[0] - right + 8, ly - 3, size[0] - right + 14, ly + 3], fill=c)
+        draw.text((size[0] - right + 20, ly - 6), method, fill=c, font=font)
     img.save(path)
 
 
