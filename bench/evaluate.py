@@ -371,6 +371,10 @@ def write_report(out: Path, summary, table, lrs, concepts, seeds, minutes, pair_
         "",
         table,
         "",
+        f"![Methods x prompts, {concepts[0].name}, seed {seeds[0]}](grid.png)",
+        "",
+        "![Identity against locality](identity_vs_locality.png)",
+        "",
     ]
     if pair_rows:
         text += [
@@ -382,6 +386,8 @@ def write_report(out: Path, summary, table, lrs, concepts, seeds, minutes, pair_
             "pixels in colours only the other concept has. LAG rule: max_fraction 0.5.",
             "",
             pairs_table(pair_rows),
+            "",
+            "![Two concepts: base, both global, merged, LAG](pairs_grid.png)",
             "",
         ]
     (out / "report.md").write_text("\n".join(text) + "\n")
