@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from personalized_residuals.residual_core import (
+    CallLayout,
     LagSession,
     LoraLayers,
     LowRankResidual,
@@ -90,7 +91,7 @@ def with_lag(trained: Trained, identifier: str, class_word: str, rule: str, valu
     def patch(caption):
         concept = locate_concept(model.tokenize, caption, identifier, class_word)
         session = LagSession(concept.positions, concept.prompt_tokens, rule, value)
-        return lambda: attach(model.unet, layers, lag=session, cond_or_uncond=[1, 0])  # sample() batches [uncond; cond]
+        return lambda: attach(model.unet, layers, lag=session, call=CallLayout([1, 0]))  # sample() batches [uncond; cond]
 
     return Trained(model, patch, trained.parameters, trained.file_bytes, trained.seconds, layers)
 

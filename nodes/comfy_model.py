@@ -1,9 +1,16 @@
-"""Reading ComfyUI's MODEL and CLIP objects for the core: the UNet, its schedule, its tokenizer."""
+"""The ComfyUI internals the pack relies on, in one place: reading MODEL and CLIP objects for the core (the
+UNet, its schedule, its tokenizer) and the shapes of ComfyUI's sampling calls that LAG reads. Each
+assumption is pinned by tests/tier2/test_comfy_internals.py, which names it when a ComfyUI update breaks it.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import comfy.samplers
 import torch
 from comfy.model_base import ModelType
+from comfy.weight_adapter import LoRAAdapter
 
 from ..residual_core import ResidualError, find_targets, weights_hash
 from ..residual_core.targets import Target
@@ -32,13 +39,37 @@ def prediction_of(base_model) -> str:
 
 
 def base_hash(model, targets: list[Target]) -> str:
-    """Fingerprint of the checkpoint's own proj_out weights, even while another clone's LoRA is merged in."""
+    """Fingerprint of the checkpoint's own proj_out weights, even while another clone's LoRA is merged in:
+    ModelPatcher.backup holds, per patched weight, a record whose .weight is the original (clones share it)."""
     weights = []
     for t in targets:
         key = f"diffusion_model.{t.name}.weight"
         backup = model.backup.get(key)
         weights.append(backup.weight if backup is not None else model.get_model_object(key))
     return weights_hash(weights)
+
+
+# ---------------------------------------------------------------- LoRA files (LAG LoRA)
+
+# comfy.weight_adapter.LoRAAdapter.weights holds these, in this order (comfy/weight_adapter/lora.py).
+LORA_WEIGHTS = ("up", "down", "alpha", "mid", "dora_scale", "reshape")
+
+
+@dataclass(frozen=True)
+class LoraWeights:
+    up: torch.Tensor
+    down: torch.Tensor
+    alpha: float | None
+    mid: torch.Tensor | None  # LoCon's middle kernel
+    dora_scale: torch.Tensor | None
+    reshape: list | None
+
+
+def lora_weights(patch) -> LoraWeights | None:
+    """A parsed LoRA layer's factors by name, or None for another adapter type (LoHa, LoKr, a diff...)."""
+    if not isinstance(patch, LoRAAdapter):
+        return None
+    return LoraWeights(**dict(zip(LORA_WEIGHTS, patch.weights[:len(LORA_WEIGHTS)], strict=True)))
 
 
 def tokenizer_of(clip) -> Tokenize:
@@ -50,3 +81,83 @@ def tokenizer_of(clip) -> Tokenize:
         return [[t[0] if isinstance(t[0], int) else -1 for t in chunk] for chunk in chunks]
 
     return tokenize
+
+
+# ---------------------------------------------------------------- sampling calls (LAG)
+
+# UNetModel.forward hands its arguments to DIFFUSION_MODEL wrappers by position, in this order
+# (comfy/ldm/modules/diffusionmodules/openaimodel.py).
+UNET_CALL_ARGS = ("x", "timesteps", "context", "y", "control", "transformer_options")
+
+
+def unet_call_arg(args: tuple, kwargs: dict, name: str, default=None):
+    """An argument of a UNet call as a DIFFUSION_MODEL wrapper receives it, by name."""
+    i = UNET_CALL_ARGS.index(name)
+    return args[i] if len(args) > i else kwargs.get(name, default)
+
+
+# A conditioning entry once ComfyUI has prepared it for sampling (comfy/sampler_helpers.py convert_cond,
+# comfy/samplers.py process_conds): the uuid that transformer_options["uuids"] names it by in a UNet call, and
+# its text tokens as the model gets them, in model_conds. Not its "cross_attn": the negative's copies that
+# ComfyUI makes for a positive area prompt (create_cond_with_same_area_if_none) keep the positive's there,
+# and its uuid.
+ENTRY_UUID, ENTRY_MODEL_CONDS, MODEL_CONDS_TOKENS = "uuid", "model_conds", "c_crossattn"
+
+
+def entry_tokens(entry: dict) -> torch.Tensor | None:
+    cond = entry.get(ENTRY_MODEL_CONDS, {}).get(MODEL_CONDS_TOKENS)
+    return None if cond is None else cond.cond
+
+
+@dataclass(frozen=True)
+class CondEntry:
+    """One conditioning entry of a model evaluation, as ComfyUI's calc_cond_batch will run it."""
+
+    entry: dict
+    uuid: object
+    tokens: torch.Tensor | None  # [1 or batch, tokens, channels]
+    frame: tuple[int, int, int, int] | None  # (y, x, height, width) in latent pixels; None: the whole latent
+    active: bool  # False outside its timestep range (ConditioningSetTimestepRange): it makes no UNet call
+
+
+def cond_entries(conds: list, x_in: torch.Tensor, timestep: torch.Tensor) -> list[CondEntry]:
+    """Every entry of a calc_cond_batch call's lists, with its region and whether it runs at this timestep,
+    as ComfyUI's own get_area_and_mult works them out."""
+    out = []
+    for cond in conds:
+        for entry in cond or []:
+            p = comfy.samplers.get_area_and_mult(entry, x_in, timestep)
+            frame = None
+            if p is not None and p.area is not None:  # [height, width, y, x] for a 2-D latent
+                h, w, y, x = p.area
+                if (y, x, h, w) != (0, 0, *x_in.shape[-2:]):
+                    frame = (y, x, h, w)
+            out.append(CondEntry(entry, entry.get(ENTRY_UUID), entry_tokens(entry), frame, p is not None))
+    return out
+
+
+def merge_cond_passes(passes: list[tuple[list, list[torch.Tensor]]], x_in: torch.Tensor, timestep: torch.Tensor
+                      ) -> list[torch.Tensor]:
+    """calc_cond_batch's result for the union of several calls on parts of its lists: (conds, outputs) per
+    call. calc_cond_batch returns, per list, the sum of its entries' outputs times their weights (mult, over
+    their areas) divided by 1e-37 + the sum of the weights, so the sums add back up."""
+    total, weight = None, None
+    for conds, outs in passes:
+        w = []
+        for cond in conds:
+            acc = torch.full_like(x_in, 1e-37)
+            for entry in cond or []:
+                p = comfy.samplers.get_area_and_mult(entry, x_in, timestep)
+                if p is None:
+                    continue
+                region = acc
+                if p.area is not None:
+                    dims = len(p.area) // 2
+                    for i in range(dims):
+                        region = region.narrow(i + 2, p.area[i + dims], p.area[i])
+                region += p.mult
+            w.append(acc)
+        sums = [o * wi for o, wi in zip(outs, w, strict=True)]
+        total = sums if total is None else [a + b for a, b in zip(total, sums, strict=True)]
+        weight = w if weight is None else [a + b for a, b in zip(weight, w, strict=True)]
+    return [t / w for t, w in zip(total, weight, strict=True)]

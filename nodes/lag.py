@@ -14,10 +14,20 @@ from dataclasses import dataclass
 from comfy.patcher_extension import CallbacksMP, WrappersMP
 from comfy_api.latest import io, ui
 
-from ..residual_core import MASK_RULES, Concept, LagSession, LoraLayers, ResidualError, ResidualSet, attach, locate_concept
+from ..residual_core import (
+    MASK_RULES,
+    CallLayout,
+    Concept,
+    LagSession,
+    LoraLayers,
+    ResidualError,
+    ResidualSet,
+    attach,
+    locate_concept,
+)
 from ..residual_core.errors import check_range
 from ..residual_core.lag import check_rule
-from .comfy_model import base_hash, targets_of, tokenizer_of
+from .comfy_model import base_hash, cond_entries, merge_cond_passes, targets_of, tokenizer_of, unet_call_arg
 from .pictures import mask_preview
 from .residual_type import CATEGORY, Residual
 
@@ -42,17 +52,80 @@ class LagConcept:
         return f"{self.identifier} {self.class_word}"
 
 
+class _LagFirst(Exception):
+    """A UNet call of followers (the negative prompt, a prompt combined with ours) came before this
+    evaluation's LAG chunk: their mask does not exist yet. Raised before the call computes anything."""
+
+
 class LagPatch:
     """Every concept the LAG nodes of a chain (LAG Sampler, LAG LoRA) put on a MODEL, applied together by one
     wrapper, so several concepts share an image (each masked by its own words) in a single UNet pass.
 
-    The LAG sessions belong to the prompt of the last node of the chain: the prompt the KSampler gets."""
+    The LAG sessions belong to the prompt of the last node of the chain: the prompt the KSampler gets. Clones
+    of the MODEL made downstream (FreeU, PAG, another LoRA) share this patch, so LAG Mask Preview on the LAG
+    node's MODEL shows the run of any of them.
+
+    Two wrappers: per model evaluation (CALC_COND_BATCH) it finds which conditioning entries hold the LAG
+    prompt and where each lies in the latent, and sees that they run before the others (so cond and uncond
+    rows of a sample get the same mask in every batching order); per UNet call (DIFFUSION_MODEL) it attaches
+    the residuals with the call's layout.
+    """
 
     def __init__(self, concepts: list[LagConcept], sessions: list[LagSession | None], targets):
         self.concepts, self.sessions, self.targets = concepts, sessions, targets
+        self.on_pre_run(None)
+
+    def on_pre_run(self, patcher):
+        """A sampling run starts: forget the last one."""
+        for session in self.sessions:
+            if session is not None:
+                session.reset()
+        self.holds: dict[int, bool] = {}  # id(entry) -> it holds the LAG prompt (entries live for the run)
+        self.frames: dict[object, tuple | None] = {}
+        self.latent: tuple[int, int] | None = None
+        self.checked = False
+
+    def _holds(self, e) -> bool:
+        key = id(e.entry)
+        if key not in self.holds:
+            self.holds[key] = e.tokens is not None and any(
+                s is not None and s.locate(e.tokens[:1]) is not None for s in self.sessions)
+        return self.holds[key]
+
+    def calc_cond_batch(self, executor, model, conds, x_in, timestep, model_options):
+        if not any(self.sessions):
+            return executor(model, conds, x_in, timestep, model_options)
+        entries = cond_entries(conds, x_in, timestep)
+        self.frames.update((e.uuid, e.frame) for e in entries)
+        self.latent = tuple(x_in.shape[-2:])
+        lag = [e for e in entries if self._holds(e)]
+        if not self.checked:  # the run's first evaluation: the positive must hold the prompt
+            self.checked = True
+            if not lag:
+                raise ResidualError(
+                    f"LAG: the KSampler's conditioning does not hold the words {self._names()} as the LAG node encoded "
+                    "them, so no mask can be made. Connect the LAG node's positive output (directly, or through "
+                    "ConditioningCombine, -Concat, -SetArea, -SetMask, -SetTimestepRange or ControlNet Apply). "
+                    "ConditioningZeroOut and ConditioningAverage (below strength 1) change those tokens: apply them to "
+                    "another prompt and combine it with the LAG positive.")
+        if lag:  # an evaluation without the LAG prompt (SAG's extra pass on the negative) keeps the last masks
+            for s in self.sessions:
+                if s is not None:
+                    s.begin_evaluation(frozenset(e.frame for e in lag if e.active))
+        try:
+            return executor(model, conds, x_in, timestep, model_options)
+        except _LagFirst:  # ComfyUI ran a follower first (low memory, areas): LAG entries alone, then the rest
+            first = {id(e.entry) for e in lag}
+            passes = [[None if c is None else [e for e in c if (id(e) in first) == part] for c in conds]
+                      for part in (True, False)]
+            return merge_cond_passes([(p, executor(model, p, x_in, timestep, model_options)) for p in passes],
+                                     x_in, timestep)
+
+    def _names(self) -> str:
+        return " and ".join(f"'{c.name}'" for c, s in zip(self.concepts, self.sessions, strict=True) if s is not None)
 
     def wrapper(self, executor, *args, **kwargs):
-        options = args[5] if len(args) > 5 else kwargs.get("transformer_options", {})
+        options = unet_call_arg(args, kwargs, "transformer_options", {})
         sigma = None
         if any(c.sigma_window for c in self.concepts) and "sigmas" in options:
             sigma = float(options["sigmas"].max())  # one host sync per call, only when a window is set
@@ -60,18 +133,20 @@ class LagPatch:
                   if sigma is None or c.sigma_window is None or c.sigma_window[0] <= sigma <= c.sigma_window[1]]
         if not active:
             return executor(*args, **kwargs)
-        with attach(executor.class_obj, active, cond_or_uncond=options.get("cond_or_uncond"), targets=self.targets):
+        uuids = options.get("uuids")
+        layout = CallLayout(options.get("cond_or_uncond"), unet_call_arg(args, kwargs, "context"),
+                            [self.frames.get(u) for u in uuids] if uuids else None, self.latent)
+        with attach(executor.class_obj, active, call=layout, targets=self.targets):
+            if any(c.lag is not None and c.lag.waiting for c in active):
+                raise _LagFirst
             return executor(*args, **kwargs)
 
-    def on_pre_run(self, patcher):
-        for session in self.sessions:
-            if session is not None:
-                session.reset()
 
-
-def _sessions(concepts: list[LagConcept], clip, prompt: str) -> list[LagSession | None]:
-    """A LAG session per concept in LAG mode, with the positions of its words in this prompt."""
+def _sessions(concepts: list[LagConcept], clip, prompt: str, positive) -> list[LagSession | None]:
+    """A LAG session per concept in LAG mode, with the positions of its words in this prompt and their
+    encoded tokens in `positive` (how the session recognises the prompt in a UNet call)."""
     tokenize, sessions = tokenizer_of(clip), []
+    tokens = positive[0][0][0]
     for c in concepts:
         if c.rule is None:
             sessions.append(None)
@@ -83,7 +158,8 @@ def _sessions(concepts: list[LagConcept], clip, prompt: str) -> list[LagSession 
                 raise
             raise ResidualError(f"Concept '{c.name}' of this LAG chain: {e} The prompt of the chain's last LAG node "
                                 "must name every concept of the chain.") from None
-        sessions.append(LagSession(found.positions, found.prompt_tokens, *c.rule))
+        sessions.append(LagSession(found.positions, found.prompt_tokens, *c.rule,
+                                   embeddings=tokens[found.positions].float().clone()))
     return sessions
 
 
@@ -156,8 +232,7 @@ class LagSampler(io.ComfyNode):
                             "it may look different here.", meta.identifier, meta.class_word)
         concept = LagConcept(residual, meta.identifier, meta.class_word, strength,
                              (mask_rule, mask_value) if mode == "LAG" else None, sigma_window(model, start_percent, end_percent))
-        m = with_concept(model, concept, clip, prompt, targets)
-        return io.NodeOutput(m, clip.encode_from_tokens_scheduled(clip.tokenize(prompt)))
+        return io.NodeOutput(*with_concept(model, concept, clip, prompt, targets))
 
 
 def check_settings(strength, start_percent, end_percent, mask_rule, mask_value) -> None:
@@ -179,17 +254,21 @@ def sigma_window(model, start_percent: float, end_percent: float) -> tuple[float
 
 
 def with_concept(model, concept: LagConcept, clip, prompt: str, targets):
-    """A clone of `model` whose LAG patch holds the chain's earlier concepts and this one, located in `prompt`."""
+    """(a clone of `model` whose LAG patch holds the chain's earlier concepts and this one, located in
+    `prompt`; `prompt` encoded by `clip`: the KSampler's positive)."""
     earlier = model.get_attachment(PATCH_KEY)  # concepts of LAG nodes earlier in the chain
     concepts = [*(earlier.concepts if earlier else []), concept]
-    patch = LagPatch(concepts, _sessions(concepts, clip, prompt), targets)
+    positive = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+    patch = LagPatch(concepts, _sessions(concepts, clip, prompt, positive), targets)
     m = model.clone()  # the input MODEL keeps its own patch; this clone's replaces it
     m.remove_wrappers_with_key(WrappersMP.DIFFUSION_MODEL, PATCH_KEY)
     m.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, PATCH_KEY, patch.wrapper)
+    m.remove_wrappers_with_key(WrappersMP.CALC_COND_BATCH, PATCH_KEY)
+    m.add_wrapper_with_key(WrappersMP.CALC_COND_BATCH, PATCH_KEY, patch.calc_cond_batch)
     m.remove_callbacks_with_key(CallbacksMP.ON_PRE_RUN, PATCH_KEY)
     m.add_callback_with_key(CallbacksMP.ON_PRE_RUN, PATCH_KEY, patch.on_pre_run)
     m.set_attachments(PATCH_KEY, patch)
-    return m
+    return m, positive
 
 
 class LagMaskPreview(io.ComfyNode):

@@ -15,12 +15,11 @@ import os
 import comfy.lora
 import comfy.lora_convert
 import folder_paths
-from comfy.weight_adapter import LoRAAdapter
 from comfy_api.latest import io
 
 from ..residual_core import LoraLayers, ResidualError, fileformat, layer_block, low_rank
 from ..residual_core.targets import family_label, model_family
-from .comfy_model import targets_of
+from .comfy_model import LoraWeights, lora_weights, targets_of
 from .lag import LagConcept, check_settings, mask_and_window_inputs, sigma_window, with_concept
 from .residual_type import CATEGORY
 
@@ -36,22 +35,21 @@ def _name(key) -> str:
     return key[0] if isinstance(key, tuple) else key  # ComfyUI keys a patch on part of a weight as (name, offset, ...)
 
 
-def _maskable_factors(key, patch) -> tuple | None:
-    """(up, down, alpha) of a plain LoRA patch on a whole weight; None for anything else."""
-    if not (isinstance(key, str) and key.endswith(".weight") and isinstance(patch, LoRAAdapter)):
+def _maskable_factors(key, patch) -> LoraWeights | None:
+    """The factors of a plain LoRA patch on a whole weight; None for anything else."""
+    w = lora_weights(patch)
+    if not (isinstance(key, str) and key.endswith(".weight") and w is not None):
         return None
-    up, down, alpha, mid, dora_scale, reshape = patch.weights[:6]
-    if mid is not None or dora_scale is not None or reshape is not None:
+    if w.mid is not None or w.dora_scale is not None or w.reshape is not None:
         return None
-    if any(t.ndim == 4 and t.shape[2:] != (1, 1) for t in (up, down)):
+    if any(t.ndim == 4 and t.shape[2:] != (1, 1) for t in (w.up, w.down)):
         return None  # a 3x3 conv (LoCon)
-    return up, down, alpha
+    return w
 
 
-def _check_shape(key: str, patch: LoRAAdapter, weight, family: str) -> None:
-    up, down, _, mid, _, reshape = patch.weights[:6]
-    ours, theirs = (up.shape[0], down.shape[1:].numel()), (weight.shape[0], weight.shape[1:].numel())
-    if mid is None and reshape is None and ours != theirs:
+def _check_shape(key: str, w: LoraWeights, weight, family: str) -> None:
+    ours, theirs = (w.up.shape[0], w.down.shape[1:].numel()), (weight.shape[0], weight.shape[1:].numel())
+    if w.mid is None and w.reshape is None and ours != theirs:
         raise ResidualError(f"This LoRA was made for another model: its layer {key[len(_UNET):-len('.weight')]} is "
                             f"{ours[0]}x{ours[1]}, the model's ({family}) is {theirs[0]}x{theirs[1]}. Pick a LoRA made "
                             f"for {family}.")
@@ -72,14 +70,13 @@ def split_lora(model, clip, sd: dict, targets) -> tuple[dict, dict, dict]:
             continue
         path = _name(key)[len(_UNET):].rsplit(".", 1)[0]
         weight = model.get_model_object(_name(key))
-        if isinstance(patch, LoRAAdapter) and isinstance(key, str):
-            _check_shape(key, patch, weight, family)
+        if lora_weights(patch) is not None and isinstance(key, str):
+            _check_shape(key, lora_weights(patch), weight, family)
         factors = _maskable_factors(key, patch)
         if factors is None or layer_block(path, targets) is None:
             unmaskable[key] = patch
             continue
-        up, down, alpha = factors
-        masked[path] = low_rank(up.float(), down.float(), alpha, conv=weight.ndim == 4)
+        masked[path] = low_rank(factors.up.float(), factors.down.float(), factors.alpha, conv=weight.ndim == 4)
     if not masked:
         if not unmaskable and not text_encoder:
             raise ResidualError(f"This LoRA has no layers for this model ({family}): none of its {len(sd)} tensors "
@@ -173,7 +170,7 @@ class LagLora(io.ComfyNode):
             clip = clip.clone()
             clip.add_patches(text_encoder, strength)
         concept = LagConcept(LoraLayers(masked), trigger_word, class_word, strength, (mask_rule, mask_value), window)
-        m = with_concept(model, concept, clip, prompt, targets)
+        m, positive = with_concept(model, concept, clip, prompt, targets)
         if apply_everywhere and unmaskable:
             m.add_patches(unmaskable, strength)
-        return io.NodeOutput(m, clip.encode_from_tokens_scheduled(clip.tokenize(prompt)), clip)
+        return io.NodeOutput(m, positive, clip)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .lag import LagSession, resolve_overlaps
+from .lag import CallLayout, LagSession, resolve_overlaps
 from .layers import LoraLayers
 from .residual import ResidualSet
 from .targets import Target, find_targets
@@ -41,22 +41,23 @@ class _BlockMasks:
         self.lagged = [(i, c.lag) for i, c in enumerate(concepts) if c.lag is not None]
         self._cache: dict[tuple, tuple] = {}
 
-    def get(self, block: tuple, batch: int, tokens: int, device: torch.device, final: bool) -> dict[int, torch.Tensor]:
-        """Concept index -> mask [batch, tokens]. final: the block's end (its proj_out), where the maps are
+    def get(self, block: tuple, batch: int, grid: tuple[int, int], device: torch.device, final: bool
+            ) -> dict[int, torch.Tensor]:
+        """Concept index -> mask [batch, h*w]. final: the block's end (its proj_out), where the maps are
         complete: they are consumed and the masks recorded as applied."""
         if final:
-            pairs = [s.weights(block, batch, tokens, device) for _, s in self.lagged]
+            pairs = [s.weights(block, batch, grid, device) for _, s in self.lagged]
         else:
-            stamp = (batch, tokens, *(s.seen(block) for _, s in self.lagged))
+            stamp = (batch, grid, *(s.seen(block) for _, s in self.lagged))
             cached = self._cache.get(block)
             if cached is not None and cached[0] == stamp:
                 return cached[1]
-            pairs = [s.current(block, batch, tokens, device) for _, s in self.lagged]
+            pairs = [s.current(block, batch, grid, device) for _, s in self.lagged]
         masks = resolve_overlaps([p[0] for p in pairs], [p[1] for p in pairs])
         out = {i: m for (i, _), m in zip(self.lagged, masks, strict=True)}
         if final:
             for (_, s), mask, (_, score) in zip(self.lagged, masks, pairs, strict=True):
-                s.applied(block, mask, score)
+                s.applied(block, grid, mask, score)
             self._cache.pop(block, None)
         else:
             self._cache[block] = (stamp, out)
@@ -64,7 +65,7 @@ class _BlockMasks:
 
 
 def _layer_hook(path: str, entries: list[tuple], masks: _BlockMasks, block: tuple | None, final: bool,
-                grids: dict[tuple, tuple[int, int]]):
+                grids: dict[tuple, tuple[int, int, int]]):
     """Adds each entry's delta (concept index, layer, strength, masked) to the module's output; masked ones
     times their concept's mask in `block`. final: the module is the block's proj_out."""
     lagged = block is not None and bool(masks.lagged) and (final or any(e[3] for e in entries))
@@ -73,17 +74,18 @@ def _layer_hook(path: str, entries: list[tuple], masks: _BlockMasks, block: tupl
         x = args[0]
         if x.ndim == 4:  # a conv: [B, C, H, W]
             b, _, h, w = x.shape
-            tokens, shape = h * w, (b, 1, h, w)
+            shape = (b, 1, h, w)
         else:  # a linear layer on tokens: [B, N, C]
-            b, tokens = x.shape[0], x.shape[1]
-            shape = (b, tokens, 1)
+            b, h, w = x.shape[0], None, None
+            shape = (b, x.shape[1], 1)
         lag = None
         if lagged:
-            if final or grids.get(block) == (b, tokens):
-                lag = masks.get(block, b, tokens, x.device, final)
+            seen = grids.get(block)  # (batch, height, width) of the block's input in this call
+            if seen is not None and seen[0] == b and seen[1] * seen[2] == (x.shape[1] if h is None else h * w):
+                lag = masks.get(block, b, seen[1:], x.device, final)
             else:  # another patch merged or tiled the tokens (ToMe, HyperTile): positions can't be matched
-                warnings.warn(f"LAG: layer {path} sees {b}x{tokens} tokens, not its block's {grids.get(block)} (another "
-                              "node merges or tiles tokens); its delta is left out there.", stacklevel=1)
+                warnings.warn(f"LAG: layer {path} sees {b}x{x.shape[1] if h is None else h * w} positions, not its block's "
+                              f"{seen} (another node merges or tiles tokens); its delta is left out there.", stacklevel=1)
         for i, layer, strength, masked in entries:
             if masked and lag is None:
                 continue
@@ -104,11 +106,11 @@ def _submodule(root: nn.Module, path: str) -> nn.Module:
 
 
 def _grid_hook(block: tuple, grids: dict):
-    """Records the (batch, positions) of a SpatialTransformer's input, the grid its LAG masks are laid on."""
+    """Records the (batch, height, width) of a SpatialTransformer's input, the grid its LAG masks are laid on."""
 
     def pre_hook(module, args, kwargs):
         x = args[0] if args else kwargs["x"]
-        grids[block] = (x.shape[0], x.shape[2] * x.shape[3])
+        grids[block] = (x.shape[0], x.shape[2], x.shape[3])
 
     return pre_hook
 
@@ -134,7 +136,7 @@ def attach(
     residual: ResidualSet | LoraLayers | list[Concept],
     strength: float = 1.0,
     lag: LagSession | None = None,
-    cond_or_uncond: list[int] | None = None,
+    call: CallLayout | None = None,
     targets: list[Target] | None = None,
 ):
     """Within the scope, every layer of `residual` adds its delta to its module's output: a ResidualSet's
@@ -143,8 +145,8 @@ def attach(
 
     `residual` may also be a list of Concepts (then strength and lag are theirs): several concepts in one
     image, each masked by its own words; where LAG masks overlap, the concept that attends most wins.
-    cond_or_uncond: how the batch splits into conditional (0) and unconditional (1) chunks, for LAG;
-    None means every row is conditional. One scope per UNet call when the split changes per call.
+    call: how the batch splits into chunks, for LAG (see CallLayout); None means every row is the LAG prompt's.
+    One scope per UNet call when the layout changes per call.
     """
     concepts = residual if isinstance(residual, list) else [Concept(residual, strength, lag)]
     targets = targets if targets is not None else find_targets(unet)
@@ -156,7 +158,7 @@ def attach(
             entries.setdefault(path, []).append((i, layer, concept.strength, lagged and block is not None))
             blocks[path] = block
         if lagged:
-            concept.lag.begin_call(cond_or_uncond)
+            concept.lag.begin_call(call or CallLayout())
     sessions = [c.lag for c in concepts if c.lag is not None]
     finals = {t.name for t in targets}
     if sessions:  # every proj_out ends its block's maps, whether or not a concept has a layer there
@@ -164,7 +166,6 @@ def attach(
             entries.setdefault(t.name, [])
             blocks[t.name] = t.block
     masks, grids = _BlockMasks(concepts), {}
-    gridded = {blocks[p] for p, es in entries.items() if p not in finals and any(e[3] for e in es)}
     handles = []
     try:
         for path, es in entries.items():
@@ -172,8 +173,7 @@ def attach(
             handles.append(_submodule(unet, path).register_forward_hook(hook))
         for t in targets if sessions else ():  # after the layer hooks: q and k as the model computes them
             transformer = _submodule(unet, t.name.rsplit(".", 1)[0])
-            if t.block in gridded:
-                handles.append(transformer.register_forward_pre_hook(_grid_hook(t.block, grids), with_kwargs=True))
+            handles.append(transformer.register_forward_pre_hook(_grid_hook(t.block, grids), with_kwargs=True))
             for block in transformer.transformer_blocks:
                 q_hook, k_hook = _attention_hooks(t.block, block.attn2.heads, sessions)
                 handles.append(block.attn2.to_q.register_forward_hook(q_hook))

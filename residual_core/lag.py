@@ -4,18 +4,37 @@ Per transformer block: the cross-attention probability mass that the identifier 
 receive at each spatial position, averaged over heads and over the block's depth, is turned into a
 mask M by a threshold rule, and proj_out becomes W x + b + strength * M * (dW x).
 
-Classifier-free guidance: the mask comes from the conditional rows of a UNet call; unconditional rows
-of the same sample reuse it; a call made of unconditional rows only reuses the block's last mask (and
-applies no residual if there is none yet).
+Which rows of a UNet call make masks: a call's batch is made of chunks, one per conditioning entry
+(ComfyUI batches the positive, the negative, combined or area prompts together, or runs them in separate
+calls when memory is short). A chunk whose text tokens hold the concept's words, as the LAG node encoded
+them, is a LAG chunk: its mask comes from its own attention to those words, wherever they sit (a prompt
+concatenated to another, or repeated to a longer prompt's length). Every other chunk (the negative
+prompt, another prompt combined with ours) follows: it takes the mask of the LAG chunk of the same sample,
+from the same call or from an earlier call of the same model evaluation, moved to its own region of the
+latent (an area prompt sees part of the image). So cond and uncond rows of one sample get the same mask in
+whatever order and batching ComfyUI runs them, provided the LAG chunk runs first in each evaluation (the
+ComfyUI layer, nodes/lag.py, sees to that).
+
+State by lifetime: per sampling run (reset()): the last mask applied in each block (for layers that run
+before a block's first cross-attention) and the sums the mask preview reads; per model evaluation
+(begin_evaluation()): the masks followers take; per UNet call (begin_call()): the chunks and the maps.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from .errors import ResidualError, check_range
 
 MASK_RULES = ("max_fraction", "median", "mean", "soft")
+
+# Column marker of a chunk taken to hold the LAG prompt, whose key columns depend on the call's length.
+_ALL = torch.empty(0, dtype=torch.long)
+
+# A chunk's region of the latent, in latent pixels: (y, x, height, width). None is the whole latent.
+Frame = tuple[int, int, int, int]
 
 
 def token_attention(q: torch.Tensor, k: torch.Tensor, heads: int, positions: torch.Tensor) -> torch.Tensor:
@@ -63,51 +82,143 @@ def check_rule(rule: str, value: float) -> None:
                     low_open=True)
 
 
+def move_mask(values: torch.Tensor, grid: tuple[int, int], frame: Frame | None, to_grid: tuple[int, int],
+              to_frame: Frame | None, latent: tuple[int, int] | None) -> torch.Tensor:
+    """values [rows, h*w] laid on `grid` over `frame` of the latent -> [rows, h'*w'] on `to_grid` over
+    `to_frame`, nearest cell by cell centre; zero where to_frame reaches outside frame."""
+    if frame == to_frame and grid == to_grid:
+        return values
+    if latent is None:
+        raise ResidualError("LAG: a mask must move between regions of the latent, but the latent's size is unknown.")
+    (fy, fx, fh, fw), (ty, tx, th, tw) = (f or (0, 0, *latent) for f in (frame, to_frame))
+    (gh, gw), (oh, ow) = grid, to_grid
+    device = values.device
+    iy = ((ty + (torch.arange(oh, device=device) + 0.5) * th / oh - fy) * gh / fh).floor().long()
+    ix = ((tx + (torch.arange(ow, device=device) + 0.5) * tw / ow - fx) * gw / fw).floor().long()
+    inside = ((iy >= 0) & (iy < gh))[:, None] & ((ix >= 0) & (ix < gw))[None, :]
+    cells = values.view(-1, gh, gw)[:, iy.clamp(0, gh - 1)][:, :, ix.clamp(0, gw - 1)]
+    return (cells * inside).reshape(values.shape[0], oh * ow)
+
+
+@dataclass(frozen=True)
+class CallLayout:
+    """How one UNet call's batch splits into chunks of equal size, one per conditioning entry.
+
+    cond_or_uncond: ComfyUI's list, per chunk 0 for the positive and 1 for the negative; None: one
+    conditional chunk. context: the call's text tokens [batch, tokens, channels]; with it, LAG chunks are
+    found by their tokens, without it the conditional chunks are taken to hold the LAG prompt. frames: per
+    chunk, its region of the latent (None: all whole); latent: the latent's (height, width)."""
+
+    cond_or_uncond: list[int] | None = None
+    context: torch.Tensor | None = None
+    frames: list[Frame | None] | None = None
+    latent: tuple[int, int] | None = None
+
+
+@dataclass
+class _Applied:
+    """A mask as a LAG chunk applied it in one block: where it lies and its values per row."""
+
+    frame: Frame | None
+    grid: tuple[int, int]
+    mask: torch.Tensor  # [rows, h*w]
+    score: torch.Tensor  # attention / its per-image max, for settling overlaps between concepts
+
+
+class _Call:
+    """One UNet call: its chunks (LAG chunks with the key columns of the concept's words, and followers)
+    and the attention maps its LAG chunks have given so far."""
+
+    def __init__(self, layout: CallLayout, columns: list[torch.Tensor | None]):
+        self.layout = layout
+        self.chunks = len(columns)
+        self.frames = layout.frames or [None] * self.chunks
+        self.lag = [(i, cols) for i, cols in enumerate(columns) if cols is not None]
+        self.maps: dict[tuple, torch.Tensor] = {}  # per block: [LAG rows, positions], summed over depth
+        self.depth: dict[tuple, int] = {}
+        self.q: dict[tuple, torch.Tensor] = {}
+
+    def rows(self, t: torch.Tensor, chunk: int) -> torch.Tensor:
+        r = t.shape[0] // self.chunks
+        return t[chunk * r:(chunk + 1) * r]
+
+
 class LagSession:
     """Attention maps in, masks out, for one concept across the UNet calls of a sampling run.
 
-    The caller announces each UNet call with begin_call(); hooks on each block's attn2.to_q/to_k feed
-    record_q/record_k; the hook on proj_out asks weights() (or mask()) and reports what it applied; hooks on
-    other layers of the block (a LoRA's) ask current(), which leaves the maps for proj_out.
-    Everything stays on the device: no host sync per step.
+    positions: the concept's words in the LAG prompt (prompt_tokens long); embeddings: the encoded prompt
+    at those positions [len(positions), channels], which identify LAG chunks by their tokens (see the
+    module's docstring); without them the conditional chunks are the LAG prompt. The caller announces each
+    UNet call with begin_call(); hooks on each block's attn2.to_q/to_k feed record_q/record_k; the hook on
+    proj_out asks weights() (or mask()) and reports what it applied; hooks on other layers of the block (a
+    LoRA's) ask current(), which leaves the maps for proj_out. Everything stays on the device but the
+    search for the concept's tokens (one read per UNet call).
     """
 
-    def __init__(self, positions: list[int], prompt_tokens: int, rule: str = "max_fraction", value: float = 0.5):
+    def __init__(self, positions: list[int], prompt_tokens: int, rule: str = "max_fraction", value: float = 0.5,
+                 embeddings: torch.Tensor | None = None):
         if not positions:
             raise ResidualError("LAG needs at least one token position (the identifier and class word).")
         check_rule(rule, value)
         self.positions = sorted(set(positions))
         self.prompt_tokens = prompt_tokens  # length of the prompt's token sequence (77 per chunk)
         self.rule, self.value = rule, value
+        if embeddings is not None and embeddings.shape[0] != len(self.positions):
+            raise ResidualError(f"LAG: {embeddings.shape[0]} token embeddings for {len(self.positions)} positions.")
+        self.embeddings = embeddings
         self._columns: dict[tuple, torch.Tensor] = {}
         self.reset()
 
-    def reset(self) -> None:
-        """Forget everything from an earlier sampling run."""
-        self.last_mask: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # per block: (mask, score) of cond rows
-        self.mask_sum: dict[tuple, torch.Tensor] = {}  # per block: sum over calls of the cond masks
-        self.mask_calls: dict[tuple, int] = {}
-        self.begin_call(None)
+    # ------------------------------------------------------------------ lifetimes
 
-    def begin_call(self, cond_or_uncond: list[int] | None) -> None:
-        """Start a UNet call. cond_or_uncond: ComfyUI's list of batch chunks, 0 = conditional,
-        1 = unconditional, each chunk the same number of rows; None = every row conditional."""
-        self._chunks = list(cond_or_uncond) if cond_or_uncond else [0]
-        self._maps: dict[tuple, torch.Tensor] = {}
-        self._depth: dict[tuple, int] = {}
-        self._q: dict[tuple, torch.Tensor] = {}
+    def reset(self) -> None:
+        """Start a sampling run: forget everything from an earlier one."""
+        self.last: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (block, frame) -> last applied (mask, score)
+        self.mask_sum: dict[tuple, torch.Tensor] = {}  # per block: sum over calls of the whole-latent masks
+        self.mask_calls: dict[tuple, int] = {}
+        self.begin_evaluation()
+        self.begin_call(CallLayout())
+
+    def begin_evaluation(self, lag_frames: frozenset = frozenset()) -> None:
+        """Start a model evaluation (every UNet call of one sampler step, ComfyUI's calc_cond_batch).
+        lag_frames: the regions (None: the whole latent) of the LAG chunks that will run in it, so followers
+        know which masks to wait for; none (every LAG entry out of its timestep range): followers get no mask,
+        and the base model samples."""
+        self.evaluation: dict[tuple, list[_Applied]] = {}
+        self.lag_frames = frozenset(lag_frames)
+        self.done_frames: set = set()
+
+    def _source(self, frame: Frame | None):
+        """The region of the LAG chunk whose mask a follower in `frame` takes: its own region, else the whole
+        latent, else any (moved to its region)."""
+        if frame in self.lag_frames or not self.lag_frames:
+            return frame
+        return None if None in self.lag_frames else next(iter(self.lag_frames))
+
+    def begin_call(self, layout: CallLayout) -> None:
+        """Start a UNet call laid out as `layout`."""
+        chunks = list(layout.cond_or_uncond) if layout.cond_or_uncond else [0]
+        if layout.context is None or self.embeddings is None:
+            columns = [None if c else _ALL for c in chunks]
+        else:
+            r = layout.context.shape[0] // len(chunks)
+            columns = [self.locate(layout.context[i * r:(i + 1) * r]) for i in range(len(chunks))]
+        self.call = _Call(layout, columns)
 
     @property
-    def has_cond(self) -> bool:
-        return 0 in self._chunks
+    def waiting(self) -> bool:
+        """A follower of this call would take its mask from a LAG chunk of this evaluation that has not run
+        yet. The caller runs the LAG chunks first instead (nodes/lag.py)."""
+        call = self.call
+        here = {call.frames[i] for i, _ in call.lag}
+        return any(self._source(call.frames[i]) not in self.done_frames | here
+                   for i in range(call.chunks) if i not in dict(call.lag)) and bool(self.lag_frames)
 
-    def _cond_rows(self, t: torch.Tensor) -> torch.Tensor:
-        r = t.shape[0] // len(self._chunks)
-        parts = [t[i * r:(i + 1) * r] for i, c in enumerate(self._chunks) if c == 0]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+    # ------------------------------------------------------------------ where the concept's words are
 
     def columns(self, tokens: int, device: torch.device) -> torch.Tensor:
-        """The key columns of our tokens; a shorter prompt beside a longer one is repeated to the lcm."""
+        """The key columns of our tokens when the chunk holds the LAG prompt, repeated to `tokens` (ComfyUI
+        repeats a shorter prompt beside a longer one to the lcm of their lengths)."""
         key = (tokens, device)
         if key not in self._columns:
             if tokens % self.prompt_tokens or max(self.positions) >= tokens:
@@ -119,78 +230,136 @@ class LagSession:
             self._columns[key] = torch.tensor(cols, device=device)
         return self._columns[key]
 
+    def locate(self, context: torch.Tensor) -> torch.Tensor | None:
+        """The key columns where the concept's words are in `context` [rows, tokens, channels], in every row
+        (each copy where the prompt is repeated, at any offset where it was concatenated), or None.
+
+        Compared as the model sees them (cast to the context's dtype): the text encoder's output at a token
+        depends only on the tokens before it, so the same words after the same prefix match, anything else
+        (another prompt, a zeroed or averaged one) does not."""
+        emb = self.embeddings.to(context.device, context.dtype)
+        pos = torch.tensor(self.positions, device=context.device)
+        span = int(pos[-1]) + 1
+        if context.shape[1] < span or context.shape[2] != emb.shape[1]:
+            return None
+        offsets = torch.arange(context.shape[1] - span + 1, device=context.device)
+        hits = torch.ones(context.shape[0], offsets.shape[0], dtype=torch.bool, device=context.device)
+        for j in range(len(self.positions)):
+            diff = (context[:, offsets + pos[j]] - emb[j]).abs().amax(-1)
+            hits &= diff <= 1e-3 * emb[j].abs().amax() + 1e-6
+        found = offsets[hits.all(0)]
+        if found.numel() == 0:  # one read per call: which chunk is which decides everything after
+            return None
+        return (found[:, None] + pos[None, :]).flatten()
+
+    # ------------------------------------------------------------------ attention in
+
     def record_q(self, block: tuple, q: torch.Tensor) -> None:
-        if self.has_cond:
-            self._q[block] = self._cond_rows(q)
+        if self.call.lag:
+            self.call.q[block] = q
 
     def record_k(self, block: tuple, k: torch.Tensor, heads: int) -> None:
-        q = self._q.pop(block, None)
+        call = self.call
+        q = call.q.pop(block, None)
         if q is None:
             return
-        attn = token_attention(q, self._cond_rows(k), heads, self.columns(k.shape[1], k.device))
-        self._maps[block] = self._maps[block] + attn if block in self._maps else attn
-        self._depth[block] = self._depth.get(block, 0) + 1
-
-    def _to_rows(self, cond: torch.Tensor, batch: int) -> torch.Tensor:
-        """Cond-row values -> every row of the call: cond chunks their own, uncond chunks the first's."""
-        r = batch // len(self._chunks)
-        out, j = [], 0
-        for c in self._chunks:
-            if c == 0:
-                out.append(cond[j * r:(j + 1) * r])
-                j += 1
-            else:
-                out.append(cond[:r])
-        return torch.cat(out) if len(out) > 1 else out[0]
+        attn = torch.cat([token_attention(call.rows(q, i), call.rows(k, i), heads,
+                                          cols if cols is not _ALL else self.columns(k.shape[1], k.device))
+                          for i, cols in call.lag])
+        call.maps[block] = call.maps[block] + attn if block in call.maps else attn
+        call.depth[block] = call.depth.get(block, 0) + 1
 
     def seen(self, block: tuple) -> int:
         """How many of the block's transformer blocks (its depth) this call has recorded attention for."""
-        return self._depth.get(block, 0)
+        return self.call.depth.get(block, 0)
 
-    def current(self, block: tuple, batch: int, tokens: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mask, score) [batch, tokens] for every row of the call, leaving the maps as they are: from this
-        call's cond rows over the depths seen so far; a call without cond rows, or a block whose attention
-        this call hasn't reached yet, reuses the block's last applied ones (zeros before the first: the base
-        model). score is the attention divided by its per-image max, for settling overlaps between concepts."""
-        if block in self._maps:
-            attn = self._maps[block] / self._depth[block]
+    # ------------------------------------------------------------------ masks out
+
+    def current(self, block: tuple, batch: int, grid: tuple[int, int], device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mask, score) [batch, h*w] for every row of the call, leaving the maps as they are. LAG chunks: from
+        their maps over the depths seen so far, or (a block whose attention this call hasn't reached yet) the
+        block's last applied ones, zeros before the first. Followers: their sample's LAG chunk's, from this
+        call or this evaluation. score is the attention divided by its per-image max."""
+        call = self.call
+        r = batch // call.chunks
+        tokens = grid[0] * grid[1]
+        own: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        if block in call.maps:
+            attn = call.maps[block] / call.depth[block]
             peak = attn.amax(-1, keepdim=True)
-            score = torch.where(peak > 0, attn / peak, 0.0)
-            return self._to_rows(threshold(attn, self.rule, self.value), batch), self._to_rows(score, batch)
-        last = self.last_mask.get(block)
-        if last is None or last[0].shape[1] != tokens or batch % last[0].shape[0]:
-            zeros = torch.zeros(batch, tokens, device=device)
-            return zeros, zeros
-        return tuple(t.repeat(batch // t.shape[0], 1) for t in last)
+            mask, score = threshold(attn, self.rule, self.value), torch.where(peak > 0, attn / peak, 0.0)
+            for j, (i, _) in enumerate(call.lag):
+                own[i] = (mask[j * r:(j + 1) * r], score[j * r:(j + 1) * r])
+        parts = []
+        for i in range(call.chunks):
+            frame = call.frames[i]
+            if i in own:
+                parts.append(own[i])
+            elif any(j == i for j, _ in call.lag):
+                last = self.last.get((block, frame))
+                parts.append(last if last is not None and last[0].shape == (r, tokens) else _zeros(r, tokens, device))
+            else:
+                parts.append(self._follow(block, r, grid, frame, own, device))
+        return tuple(torch.cat(p) if len(p) > 1 else p[0] for p in zip(*parts, strict=True))
 
-    def weights(self, block: tuple, batch: int, tokens: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _follow(self, block, rows, grid, frame, own, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """A follower's (mask, score): from its source LAG chunk (see _source) in this call, else from this
+        evaluation, moved to the follower's region; zeros when there is none."""
+        call, source = self.call, self._source(frame)
+        here = {call.frames[i]: own[i] for i, _ in call.lag if i in own}  # chunks of one call share the grid
+        if frame in here or source in here:
+            key = frame if frame in here else source
+            pick = (key, grid, *here[key])
+        else:
+            applied = self.evaluation.get(block, [])
+            a = next((a for a in applied if a.frame == source), applied[0] if applied else None)
+            if a is None or a.mask.shape[0] != rows:
+                return _zeros(rows, grid[0] * grid[1], device)
+            pick = (a.frame, a.grid, a.mask, a.score)
+        return tuple(move_mask(v, pick[1], pick[0], grid, frame, call.layout.latent) for v in pick[2:])
+
+    def weights(self, block: tuple, batch: int, grid: tuple[int, int], device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """current() over the block's whole depth, at the end of the block (its proj_out): its maps are
         consumed, so the next call starts afresh."""
-        out = self.current(block, batch, tokens, device)
-        self._maps.pop(block, None)
-        self._depth.pop(block, None)
+        out = self.current(block, batch, grid, device)
+        self.call.maps.pop(block, None)
+        self.call.depth.pop(block, None)
         return out
 
-    def applied(self, block: tuple, mask: torch.Tensor, score: torch.Tensor) -> None:
-        """Record the mask as applied (after overlaps) for the block's next cond-free call and the preview."""
-        if not self.has_cond:
-            return
-        r = mask.shape[0] // len(self._chunks)
-        first = self._chunks.index(0) * r
-        m, s = mask[first:first + r], score[first:first + r]
-        self.last_mask[block] = (m, s)
-        self.mask_sum[block] = self.mask_sum[block] + m if block in self.mask_sum else m.clone()
-        self.mask_calls[block] = self.mask_calls.get(block, 0) + 1
+    def applied(self, block: tuple, grid: tuple[int, int], mask: torch.Tensor, score: torch.Tensor) -> None:
+        """Record the LAG chunks' rows of the mask as applied (after overlaps): for followers, for the block's
+        layers before cross-attention in the next call, and for the preview (whole-latent masks)."""
+        call = self.call
+        r = mask.shape[0] // call.chunks
+        for i, _ in call.lag:
+            frame = call.frames[i]
+            m, s = mask[i * r:(i + 1) * r], score[i * r:(i + 1) * r]
+            self.last[(block, frame)] = (m, s)
+            kept = [a for a in self.evaluation.get(block, []) if (a.frame, a.grid) != (frame, grid)]
+            self.evaluation[block] = [*kept, _Applied(frame, grid, m, s)]
+            self.done_frames.add(frame)
+            if frame is None:
+                total = self.mask_sum.get(block)
+                self.mask_sum[block] = m.clone() if total is None or total.shape != m.shape else total + m
+                self.mask_calls[block] = 1 if total is None or total.shape != m.shape else self.mask_calls[block] + 1
 
-    def mask(self, block: tuple, batch: int, tokens: int, device: torch.device) -> torch.Tensor:
-        """[batch, tokens] mask for every row of the call, for a concept on its own (no overlaps to settle)."""
-        mask, score = self.weights(block, batch, tokens, device)
-        self.applied(block, mask, score)
+    def mask(self, block: tuple, batch: int, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
+        """[batch, h*w] mask for every row of the call, for a concept on its own (no overlaps to settle)."""
+        mask, score = self.weights(block, batch, grid, device)
+        self.applied(block, grid, mask, score)
         return mask
 
     def mean_masks(self) -> dict[tuple, torch.Tensor]:
-        """Per block, the fraction of UNet calls in the last run that applied the residual at each position."""
+        """Per block, the fraction of UNet calls in the last run that applied the residual at each position
+        of the whole latent."""
         return {b: s / self.mask_calls[b] for b, s in self.mask_sum.items()}
+
+
+def _zeros(rows: int, tokens: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    z = torch.zeros(rows, tokens, device=device)
+    return z, z
 
 
 def resolve_overlaps(masks: list[torch.Tensor], scores: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 from helpers import tiny_unet
-from personalized_residuals.residual_core import LagSession, ResidualError, ResidualSet, attach, find_targets, lag
+from personalized_residuals.residual_core import CallLayout, LagSession, ResidualError, ResidualSet, attach, find_targets, lag
 from personalized_residuals.residual_core.lag import check_rule, threshold, token_attention
 
 
@@ -57,11 +57,11 @@ def _qk(rows, n=4, t=6, c=8):
 
 def test_unconditional_rows_reuse_the_mask_of_their_sample():
     session = LagSession([1], 6, "max_fraction", 0.9)
-    session.begin_call([1, 0])  # ComfyUI's usual order: 2 uncond rows, then 2 cond rows
+    session.begin_call(CallLayout([1, 0]))  # ComfyUI's usual order: 2 uncond rows, then 2 cond rows
     q, k = _qk(4)
     session.record_q(("input", 1), q)
     session.record_k(("input", 1), k, heads=2)
-    mask = session.mask(("input", 1), 4, 4, q.device)
+    mask = session.mask(("input", 1), 4, (2, 2), q.device)
     assert torch.equal(mask[:2], mask[2:])
     expected = threshold(token_attention(q[2:], k[2:], 2, torch.tensor([1])), "max_fraction", 0.9)
     assert torch.equal(mask[2:], expected)
@@ -70,29 +70,29 @@ def test_unconditional_rows_reuse_the_mask_of_their_sample():
 
 def test_uncond_only_calls_reuse_the_blocks_last_mask_and_start_with_none():
     session = LagSession([1], 6)
-    session.begin_call([1])
-    assert session.mask(("middle", 0), 2, 4, torch.device("cpu")).sum() == 0  # nothing seen yet: base model
-    session.begin_call([0])
+    session.begin_call(CallLayout([1]))
+    assert session.mask(("middle", 0), 2, (2, 2), torch.device("cpu")).sum() == 0  # nothing seen yet: base model
+    session.begin_call(CallLayout([0]))
     q, k = _qk(2)
     session.record_q(("middle", 0), q)
     session.record_k(("middle", 0), k, heads=2)
-    cond = session.mask(("middle", 0), 2, 4, q.device)
-    session.begin_call([1])
-    assert torch.equal(session.mask(("middle", 0), 2, 4, q.device), cond)
+    cond = session.mask(("middle", 0), 2, (2, 2), q.device)
+    session.begin_call(CallLayout([1]))
+    assert torch.equal(session.mask(("middle", 0), 2, (2, 2), q.device), cond)
     session.reset()
-    assert session.mask(("middle", 0), 2, 4, q.device).sum() == 0
+    assert session.mask(("middle", 0), 2, (2, 2), q.device).sum() == 0
 
 
 def test_maps_average_over_the_blocks_depth():
     session = LagSession([0], 6, "soft", 1.0)
-    session.begin_call(None)
+    session.begin_call(CallLayout())
     (q1, k1), (q2, k2) = _qk(1), _qk(2)
     for q, k in ((q1, k1), (q2[:1], k2[:1])):
         session.record_q(("output", 3), q)
         session.record_k(("output", 3), k, heads=2)
     pos = torch.tensor([0])
     mean = (token_attention(q1, k1, 2, pos) + token_attention(q2[:1], k2[:1], 2, pos)) / 2
-    assert torch.allclose(session.mask(("output", 3), 1, 4, q1.device), threshold(mean, "soft", 1.0))
+    assert torch.allclose(session.mask(("output", 3), 1, (2, 2), q1.device), threshold(mean, "soft", 1.0))
 
 
 def test_a_shorter_prompt_repeated_beside_a_longer_one_keeps_its_columns():
@@ -105,11 +105,11 @@ def test_a_shorter_prompt_repeated_beside_a_longer_one_keeps_its_columns():
 def test_mean_masks_record_where_the_residual_applied():
     session = LagSession([1], 6, "max_fraction", 0.5)
     for _ in range(3):
-        session.begin_call([0])
+        session.begin_call(CallLayout([0]))
         q, k = _qk(1)
         session.record_q(("input", 1), q)
         session.record_k(("input", 1), k, heads=2)
-        last = session.mask(("input", 1), 1, 4, q.device)
+        last = session.mask(("input", 1), 1, (2, 2), q.device)
     assert torch.equal(session.mean_masks()[("input", 1)], last)  # same inputs each call
     with pytest.raises(ResidualError):
         LagSession([], 77)

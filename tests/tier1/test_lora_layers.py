@@ -177,7 +177,7 @@ def test_layers_before_a_blocks_first_attn2_use_the_last_calls_mask_and_after_it
         for h in handles:
             h.remove()
         torch.testing.assert_close(out, by_hand, rtol=1e-5, atol=1e-6)
-        assert torch.allclose(session.last_mask[block][0], both)
+        assert torch.allclose(session.last[(block, None)][0], both)
         assert not torch.allclose(depth0, both, atol=1e-3), "the depths differ, so the test tells them apart"
         previous = both
 

@@ -47,9 +47,9 @@ def test_a_chain_applies_each_concept_inside_its_own_mask_in_one_pass(sd15, clip
         calls.append(1)
         return original(*a, **kw)
 
-    def spy(self, block, mask, score):
+    def spy(self, block, grid, mask, score):
         applied.append(mask.clone())
-        return record(self, block, mask, score)
+        return record(self, block, grid, mask, score)
 
     monkeypatch.setattr(comfy.samplers, "calc_cond_batch", count)
     monkeypatch.setattr(lag.LagSession, "applied", spy)

@@ -183,9 +183,9 @@ def test_a_residual_and_a_lora_share_one_image(sd15, clip, negative, loras_dir, 
     assert [c.name for c in patch.concepts] == ["zwx cat", "sks dog"]
     applied, record = [], lag.LagSession.applied
 
-    def spy(self, block, mask, score):
+    def spy(self, block, grid, mask, score):
         applied.append(mask.clone())
-        return record(self, block, mask, score)
+        return record(self, block, grid, mask, score)
 
     monkeypatch.setattr(lag.LagSession, "applied", spy)
     out = ksample(m, positive, negative)

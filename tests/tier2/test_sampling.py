@@ -50,9 +50,9 @@ def test_unconditional_rows_reuse_the_mask_of_the_conditional_rows(sd15, clip, n
     calls = []
     original = lag.LagSession.applied
 
-    def spy(self, block, mask, score):
-        calls.append((list(self._chunks), mask.clone()))
-        return original(self, block, mask, score)
+    def spy(self, block, grid, mask, score):
+        calls.append((list(self.call.layout.cond_or_uncond), mask.clone()))
+        return original(self, block, grid, mask, score)
 
     monkeypatch.setattr(lag.LagSession, "applied", spy)
     ksample(m, positive, negative, batch=2)
