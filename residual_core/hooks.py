@@ -18,7 +18,7 @@ from torch import nn
 
 from .lag import CallLayout, LagSession, resolve_overlaps
 from .layers import LoraLayers
-from .residual import ResidualSet
+from .residual import LowRankResidual, ResidualSet
 from .targets import Target, find_targets
 
 
@@ -31,6 +31,16 @@ class Concept:
     residual: ResidualSet | LoraLayers
     strength: float = 1.0
     lag: LagSession | None = None
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One concept's layer on a hooked module."""
+
+    concept: int  # index into attach()'s concepts: whose mask it takes
+    layer: LowRankResidual
+    strength: float
+    masked: bool  # times its concept's LAG mask in the module's block; else everywhere
 
 
 class _BlockMasks:
@@ -64,11 +74,11 @@ class _BlockMasks:
         return out
 
 
-def _layer_hook(path: str, entries: list[tuple], masks: _BlockMasks, block: tuple | None, final: bool,
+def _layer_hook(path: str, entries: list[_Entry], masks: _BlockMasks, block: tuple | None, final: bool,
                 grids: dict[tuple, tuple[int, int, int]]):
-    """Adds each entry's delta (concept index, layer, strength, masked) to the module's output; masked ones
-    times their concept's mask in `block`. final: the module is the block's proj_out."""
-    lagged = block is not None and bool(masks.lagged) and (final or any(e[3] for e in entries))
+    """Adds each entry's delta to the module's output; masked ones times their concept's mask in `block`.
+    final: the module is the block's proj_out."""
+    lagged = block is not None and bool(masks.lagged) and (final or any(e.masked for e in entries))
 
     def hook(module, args, out):
         x = args[0]
@@ -86,13 +96,13 @@ def _layer_hook(path: str, entries: list[tuple], masks: _BlockMasks, block: tupl
             else:  # another patch merged or tiled the tokens (ToMe, HyperTile): positions can't be matched
                 warnings.warn(f"LAG: layer {path} sees {b}x{x.shape[1] if h is None else h * w} positions, not its block's "
                               f"{seen} (another node merges or tiles tokens); its delta is left out there.", stacklevel=1)
-        for i, layer, strength, masked in entries:
-            if masked and lag is None:
+        for e in entries:
+            if e.masked and lag is None:
                 continue
-            delta = layer.delta(x)
-            if masked:
-                delta = delta * lag[i].view(shape).to(delta.dtype)
-            out = out + (delta * strength if strength != 1.0 else delta)
+            delta = e.layer.delta(x)
+            if e.masked:
+                delta = delta * lag[e.concept].view(shape).to(delta.dtype)
+            out = out + (delta * e.strength if e.strength != 1.0 else delta)
         return out
 
     return hook
@@ -150,12 +160,12 @@ def attach(
     """
     concepts = residual if isinstance(residual, list) else [Concept(residual, strength, lag)]
     targets = targets if targets is not None else find_targets(unet)
-    entries: dict[str, list[tuple]] = {}
+    entries: dict[str, list[_Entry]] = {}
     blocks: dict[str, tuple | None] = {}
     for i, concept in enumerate(concepts):
         lagged = concept.lag is not None
         for path, (layer, block) in concept.residual.placement(unet, targets, lagged).items():
-            entries.setdefault(path, []).append((i, layer, concept.strength, lagged and block is not None))
+            entries.setdefault(path, []).append(_Entry(i, layer, concept.strength, lagged and block is not None))
             blocks[path] = block
         if lagged:
             concept.lag.begin_call(call or CallLayout())
