@@ -5,7 +5,8 @@ UNet at full width (model channels 320, context 768), the CLIP-L text encoder an
 original single-file layout (`model.diffusion_model.`, `cond_stage_model.`, `first_stage_model.`). The
 names and shapes come from ComfyUI's own classes built on the meta device (no memory, no init); the
 values are drawn from a seed: matrices N(0, 1/fan_in), norm scales 1, biases 0, which keeps every
-activation finite. Stored as fp16 (2.1 GB) and cached across test sessions in the temp folder.
+activation finite. Stored as fp16 (2.1 GB) and cached across test sessions in $PERSONALIZED_RESIDUALS_CACHE
+(default: a folder in the temp folder); CI points that at a fresh empty folder, so the code below always runs there.
 """
 
 from __future__ import annotations
@@ -23,16 +24,20 @@ def sd15_state_dict_shapes() -> dict:
     import comfy.supported_models
     import torch
     from comfy.ldm.models.autoencoder import AutoencoderKL
-    from comfy_env import _unet_config
+    from personalized_residuals.bench.comfyui_env import unet_config
 
     vae_config = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
                   "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
     with torch.device("meta"):
-        model = comfy.supported_models.SD15(_unet_config(model_channels=320, context_dim=768)).get_model({})
+        model = comfy.supported_models.SD15(unet_config(model_channels=320, context_dim=768)).get_model({})
         clip = comfy.sd1_clip.SD1ClipModel()
         vae = AutoencoderKL(ddconfig=vae_config, embed_dim=4)
     state = model.state_dict_for_saving(clip.state_dict(), vae.state_dict())
     return {name: tuple(t.shape) for name, t in state.items()}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PERSONALIZED_RESIDUALS_CACHE") or Path(tempfile.gettempdir()) / "personalized-residuals-tests")
 
 
 def random_tensor(name: str, shape: tuple, generator):
@@ -53,7 +58,7 @@ def random_sd15_checkpoint(seed: int = 0) -> Path:
     import safetensors.torch
     import torch
 
-    path = Path(tempfile.gettempdir()) / "personalized-residuals-tests" / f"sd15-random-v{LAYOUT_VERSION}-seed{seed}.safetensors"
+    path = cache_dir() / f"sd15-random-v{LAYOUT_VERSION}-seed{seed}.safetensors"
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
