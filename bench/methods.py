@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 from personalized_residuals.residual_core import (
     CallLayout,
+    Concept,
     LagSession,
-    LoraLayers,
     LowRankResidual,
     ResidualSet,
     TrainConfig,
@@ -49,7 +49,7 @@ class Trained:
     parameters: int
     file_bytes: int
     seconds: float
-    layers: ResidualSet | LoraLayers | None = None  # what attach() applies, for the methods that are hooks
+    layers: ResidualSet | None = None  # what attach() applies, for the methods that are hooks
 
     def sample(self, caption: str, seeds: list[int], **kw) -> torch.Tensor:
         return self.model.sample([caption] * len(seeds), seeds, patch=self.patch(caption), **kw)
@@ -77,7 +77,7 @@ def residuals(model: WorldModel, latents, captions, config: TrainConfig, rank_fr
     with tempfile.TemporaryDirectory() as d:
         fileformat.save(residual, os.path.join(d, "r.safetensors"))
         size = os.path.getsize(os.path.join(d, "r.safetensors"))
-    return Trained(model, lambda caption: lambda: attach(model.unet, residual), residual.num_parameters(), size,
+    return Trained(model, lambda caption: lambda: attach(model.unet, [Concept(residual)]), residual.num_parameters(), size,
                    seconds, residual)
 
 
@@ -86,12 +86,15 @@ def with_lag(trained: Trained, identifier: str, class_word: str, rule: str, valu
     """The same residual (or LoRA) sampled with LAG: masks from the caption's identifier and class-word
     tokens. For a LoRA, `unmaskable` says what its text-side layers (attn2 to_k/to_v) do: global or skip."""
     model = trained.model
-    layers = trained.layers if isinstance(trained.layers, ResidualSet) else LoraLayers(trained.layers.layers, unmaskable)
+    layers = trained.layers
+    if layers.kind == "lora":
+        layers = ResidualSet(layers.layers, kind="lora", unmaskable=unmaskable)
 
     def patch(caption):
         concept = locate_concept(model.tokenize, caption, identifier, class_word)
         session = LagSession(concept.positions, concept.prompt_tokens, rule, value)
-        return lambda: attach(model.unet, layers, lag=session, call=CallLayout([1, 0]))  # sample() batches [uncond; cond]
+        # sample() batches [uncond; cond]
+        return lambda: attach(model.unet, [Concept(layers, lag=session)], call=CallLayout([1, 0]))
 
     return Trained(model, patch, trained.parameters, trained.file_bytes, trained.seconds, layers)
 
@@ -109,19 +112,19 @@ def _adapters_on(modules: dict[str, torch.nn.Linear], rank: int, seed: int) -> d
 def lora_attn(model: WorldModel, latents, captions, config: TrainConfig, rank: int = 4) -> Trained:
     modules = {n: m for n, m in model.unet.named_modules()
                if any(n.endswith(f"{a}.{p}") for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out.0"))}
-    lora = LoraLayers(_adapters_on(modules, rank, config.seed))
+    lora = ResidualSet(_adapters_on(modules, rank, config.seed), kind="lora")
     params = [p for a in lora.layers.values() for p in a.parameters()]
     for p in params:
         p.requires_grad_(True)
     started = time.perf_counter()
-    with frozen(model.unet), attach(model.unet, lora):
+    with frozen(model.unet), attach(model.unet, [Concept(lora)]):
         fit(params, _concept_denoiser(model, captions), latents, model.alphas_cumprod, model.prediction, config)
     seconds = time.perf_counter() - started
     for p in params:
         p.requires_grad_(False)
     lora.forget_casts()
     state = {f"{n}.{k}": v for n, a in lora.layers.items() for k, v in a.state_dict().items()}
-    return Trained(model, lambda caption: lambda: attach(model.unet, lora), sum(p.numel() for p in params),
+    return Trained(model, lambda caption: lambda: attach(model.unet, [Concept(lora)]), sum(p.numel() for p in params),
                    _file_bytes(state), seconds, lora)
 
 

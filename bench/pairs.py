@@ -16,7 +16,7 @@ import random
 
 import numpy as np
 import torch
-from personalized_residuals.residual_core import Concept, LagSession, ResidualSet, TrainConfig, attach, locate_concept
+from personalized_residuals.residual_core import CallLayout, Concept, LagSession, ResidualSet, TrainConfig, attach, locate_concept
 from personalized_residuals.residual_core.residual import LowRankResidual
 
 from . import methods
@@ -101,7 +101,7 @@ def run_pairs(model, concepts: list[WorldConcept], seeds: list[int], lr: float, 
                     images = model.sample(base_caps, sample_seeds * len(captions))
                 else:
                     images = model.sample(rows_caps, sample_seeds * len(captions),
-                                          patch=lambda chosen=chosen: attach(model.unet, chosen, cond_or_uncond=[1, 0]))
+                                          patch=lambda chosen=chosen: attach(model.unet, chosen, call=CallLayout([1, 0])))
                 if shown is not None and seed == seeds[0] and (a, b) == pairs_of(concepts)[0]:
                     shown[name] = images[::IMAGES]
                 readings = oracle.read_images(images)

@@ -12,9 +12,7 @@ import torch
 from comfy.model_base import ModelType
 from comfy.weight_adapter import LoRAAdapter
 
-from ..residual_core import ResidualError, find_targets, weights_hash
-from ..residual_core.targets import Target
-from ..residual_core.tokens import Tokenize
+from ..residual_core import SD_UNET, Family, ResidualError, Target, Tokenize, weights_hash
 
 _PREDICTIONS = {ModelType.EPS: "eps", ModelType.V_PREDICTION: "v"}
 
@@ -23,8 +21,14 @@ def unet_of(model) -> torch.nn.Module:
     return model.get_model_object("diffusion_model")
 
 
+def family_of(model) -> Family:
+    """The core's description of the model's family: SD1.x, SD2.x and SDXL share one (UNets with
+    SpatialTransformers); the targets say which of them it is."""
+    return SD_UNET
+
+
 def targets_of(model) -> list[Target]:
-    return find_targets(unet_of(model))
+    return family_of(model).targets(unet_of(model))
 
 
 def prediction_of(base_model) -> str:

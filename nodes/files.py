@@ -14,6 +14,7 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..residual_core import ResidualError, fileformat
+from .advice import in_ui_words
 from .residual_type import CATEGORY, Residual
 
 SUBFOLDER = "personalized_residuals"
@@ -64,7 +65,7 @@ class SaveResidual(io.ComfyNode):
             node_id="PersonalizedResidualSave",
             display_name="Save Residual",
             category=CATEGORY,
-            description=f"Save a residual to models/loras/{SUBFOLDER}/ as a kohya-layout LoRA with the concept's "
+            description=f"Save a personalized residual to models/loras/{SUBFOLDER}/ as a kohya-layout LoRA with the concept's "
                         "metadata. Load Residual and the stock LoraLoaderModelOnly both list it.",
             is_output_node=True,
             inputs=[
@@ -79,6 +80,7 @@ class SaveResidual(io.ComfyNode):
         )
 
     @classmethod
+    @in_ui_words
     def execute(cls, residual, filename_prefix) -> io.NodeOutput:
         meta = residual.meta
         stem = _safe_stem(filename_prefix.strip() or f"{meta.identifier}_{meta.class_word}")
@@ -104,7 +106,8 @@ class LoadResidual(io.ComfyNode):
             node_id="PersonalizedResidualLoad",
             display_name="Load Residual",
             category=CATEGORY,
-            description=f"Load a residual saved in models/loras/{SUBFOLDER}/, with its class word and identifier.",
+            description=f"Load a personalized residual (a LoRA file) saved in models/loras/{SUBFOLDER}/, with its "
+                        "class word and identifier.",
             inputs=[
                 io.Combo.Input("residual_name", options=residual_names(), tooltip=f"A file in models/loras/{SUBFOLDER}/."),
             ],
@@ -121,6 +124,7 @@ class LoadResidual(io.ComfyNode):
         return os.path.getmtime(path) if path else ""
 
     @classmethod
+    @in_ui_words
     def execute(cls, residual_name) -> io.NodeOutput:
         residual = fileformat.load(residual_path(residual_name))
         meta = residual.meta

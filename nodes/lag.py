@@ -19,15 +19,23 @@ from ..residual_core import (
     CallLayout,
     Concept,
     LagSession,
-    LoraLayers,
     ResidualError,
     ResidualSet,
     attach,
+    check_range,
+    check_rule,
     locate_concept,
 )
-from ..residual_core.errors import check_range
-from ..residual_core.lag import check_rule
-from .comfy_model import base_hash, cond_entries, merge_cond_passes, targets_of, tokenizer_of, unet_call_arg
+from .advice import in_ui_words
+from .comfy_model import (
+    base_hash,
+    cond_entries,
+    family_of,
+    merge_cond_passes,
+    targets_of,
+    tokenizer_of,
+    unet_call_arg,
+)
 from .pictures import mask_preview
 from .residual_type import CATEGORY, Residual
 
@@ -40,7 +48,7 @@ class LagConcept:
     """What one LAG node adds: a residual (or a LoRA's maskable layers), how strongly, where (LAG words or
     everywhere), when."""
 
-    residual: ResidualSet | LoraLayers
+    residual: ResidualSet
     identifier: str
     class_word: str
     strength: float
@@ -71,8 +79,8 @@ class LagPatch:
     the residuals with the call's layout.
     """
 
-    def __init__(self, concepts: list[LagConcept], sessions: list[LagSession | None], targets):
-        self.concepts, self.sessions, self.targets = concepts, sessions, targets
+    def __init__(self, concepts: list[LagConcept], sessions: list[LagSession | None], family, targets):
+        self.concepts, self.sessions, self.family, self.targets = concepts, sessions, family, targets
         self.on_pre_run(None)
 
     def on_pre_run(self, patcher):
@@ -136,7 +144,7 @@ class LagPatch:
         uuids = options.get("uuids")
         layout = CallLayout(options.get("cond_or_uncond"), unet_call_arg(args, kwargs, "context"),
                             [self.frames.get(u) for u in uuids] if uuids else None, self.latent)
-        with attach(executor.class_obj, active, call=layout, targets=self.targets):
+        with attach(executor.class_obj, active, call=layout, family=self.family, targets=self.targets):
             if any(c.lag is not None and c.lag.waiting for c in active):
                 raise _LagFirst
             return executor(*args, **kwargs)
@@ -186,10 +194,10 @@ class LagSampler(io.ComfyNode):
             display_name="LAG Sampler",
             category=CATEGORY,
             description=(
-                "Apply a personalized residual for the stock KSampler. LAG mode applies it only where the "
-                "concept's identifier and class word attend in each transformer block, so the rest of the image "
-                "keeps the base model's prior; global mode applies it everywhere. Connect both outputs to the "
-                "KSampler; the prompt is typed here once."
+                "Apply a personalized residual for the stock KSampler. LAG mode applies it regionally, only where "
+                "the concept's identifier and class word attend in each transformer block, so the rest of the image "
+                "keeps the base model's prior; global mode applies it everywhere, like a LoRA loader. Connect both "
+                "outputs to the KSampler; the prompt is typed here once."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The MODEL to sample with (the checkpoint's, or after other patches)."),
@@ -213,6 +221,7 @@ class LagSampler(io.ComfyNode):
         )
 
     @classmethod
+    @in_ui_words
     def execute(cls, model, residual, clip, prompt, strength, mode, mask_rule, mask_value, start_percent,
                 end_percent) -> io.NodeOutput:
         if mode not in MODES:
@@ -259,7 +268,7 @@ def with_concept(model, concept: LagConcept, clip, prompt: str, targets):
     earlier = model.get_attachment(PATCH_KEY)  # concepts of LAG nodes earlier in the chain
     concepts = [*(earlier.concepts if earlier else []), concept]
     positive = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
-    patch = LagPatch(concepts, _sessions(concepts, clip, prompt, positive), targets)
+    patch = LagPatch(concepts, _sessions(concepts, clip, prompt, positive), family_of(model), targets)
     m = model.clone()  # the input MODEL keeps its own patch; this clone's replaces it
     m.remove_wrappers_with_key(WrappersMP.DIFFUSION_MODEL, PATCH_KEY)
     m.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, PATCH_KEY, patch.wrapper)
@@ -278,7 +287,7 @@ class LagMaskPreview(io.ComfyNode):
             node_id="PersonalizedResidualLAGMaskPreview",
             display_name="LAG Mask Preview",
             category=CATEGORY,
-            description="Show where LAG applied the residuals and LoRAs in the last sampling run: each concept's "
+            description="Show the regions where LAG applied the residuals and LoRAs in the last sampling run: each concept's "
                         "mask averaged over blocks and steps, tinted over the images (or on black) in one colour per "
                         "concept, in the order of the chain of LAG nodes: red, blue, green, yellow, magenta, cyan.",
             is_output_node=True,
@@ -294,6 +303,7 @@ class LagMaskPreview(io.ComfyNode):
         )
 
     @classmethod
+    @in_ui_words
     def execute(cls, model, latent, images=None) -> io.NodeOutput:
         patch = model.get_attachment(PATCH_KEY)
         if patch is None:

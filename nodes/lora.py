@@ -1,7 +1,7 @@
 """LAG LoRA: any LoRA file (kohya, diffusers or ComfyUI layout), applied where its trigger word attends.
 
 ComfyUI's own parser reads the file (comfy.lora.load_lora, as the stock LoraLoader does). The plain LoRA
-layers a spatial mask can apply to (see residual_core/layers.py) join the chain's LAG patch as LoraLayers
+layers a spatial mask can apply to (see residual_core/family.py) join the chain's LAG patch as a ResidualSet
 and are masked per transformer block; every other layer (cross-attention to_k/to_v, layers outside the
 transformer blocks, the text encoder's, and LoHa/LoKr/3x3-conv/DoRA layers anywhere) is either patched
 into the weights as the stock loader does ("apply globally") or left out ("skip").
@@ -17,9 +17,9 @@ import comfy.lora_convert
 import folder_paths
 from comfy_api.latest import io
 
-from ..residual_core import LoraLayers, ResidualError, fileformat, layer_block, low_rank
-from ..residual_core.targets import family_label, model_family
-from .comfy_model import LoraWeights, lora_weights, targets_of
+from ..residual_core import ResidualError, ResidualSet, family_label, fileformat, low_rank, model_family
+from .advice import in_ui_words
+from .comfy_model import LoraWeights, family_of, lora_weights, targets_of
 from .lag import LagConcept, check_settings, mask_and_window_inputs, sigma_window, with_concept
 from .residual_type import CATEGORY
 
@@ -73,7 +73,7 @@ def split_lora(model, clip, sd: dict, targets) -> tuple[dict, dict, dict]:
         if lora_weights(patch) is not None and isinstance(key, str):
             _check_shape(key, lora_weights(patch), weight, family)
         factors = _maskable_factors(key, patch)
-        if factors is None or layer_block(path, targets) is None:
+        if factors is None or family_of(model).mask_block(path, targets) is None:
             unmaskable[key] = patch
             continue
         masked[path] = low_rank(factors.up.float(), factors.down.float(), factors.alpha, conv=weight.ndim == 4)
@@ -97,8 +97,9 @@ class LagLora(io.ComfyNode):
             display_name="LAG LoRA",
             category=CATEGORY,
             description=(
-                "Apply any LoRA (kohya, diffusers or ComfyUI layout) only where its trigger word and class word "
-                "attend, like LAG Sampler does for a residual: its layers inside the transformer blocks are masked "
+                "Apply any LoRA (kohya, diffusers or ComfyUI layout; a DreamBooth-style subject LoRA) regionally, "
+                "only where its trigger word and class word attend, like LAG Sampler does for a personalized "
+                "residual: its layers inside the transformer blocks are masked "
                 "per block, so the rest of the image keeps the base model. Layers that can't be masked (the "
                 "cross-attention key/value layers, which act on the prompt; layers outside the transformer blocks; "
                 "the text encoder's) are applied everywhere or skipped. Chains with LAG Sampler and other LAG LoRAs "
@@ -141,6 +142,7 @@ class LagLora(io.ComfyNode):
         )
 
     @classmethod
+    @in_ui_words
     def execute(cls, model, clip, lora_name, trigger_word, class_word, prompt, strength, unmaskable_layers,
                 mask_rule, mask_value, start_percent, end_percent) -> io.NodeOutput:
         check_settings(strength, start_percent, end_percent, mask_rule, mask_value)
@@ -169,7 +171,8 @@ class LagLora(io.ComfyNode):
         if apply_everywhere and text_encoder:
             clip = clip.clone()
             clip.add_patches(text_encoder, strength)
-        concept = LagConcept(LoraLayers(masked), trigger_word, class_word, strength, (mask_rule, mask_value), window)
+        concept = LagConcept(ResidualSet(masked, kind="lora"), trigger_word, class_word, strength, (mask_rule, mask_value),
+                             window)
         m, positive = with_concept(model, concept, clip, prompt, targets)
         if apply_everywhere and unmaskable:
             m.add_patches(unmaskable, strength)

@@ -12,28 +12,42 @@ import torch
 from comfy_api.latest import io
 
 from ..residual_core import (
+    DEFAULT_RESOLUTION,
     INITS,
+    MAX_SIDE,
+    MIN_SIDE,
     ResidualError,
     ResidualMeta,
     ResidualSet,
     TrainConfig,
+    check_range,
+    family_label,
+    identifier_warnings,
     locate_concept,
+    model_family,
+    native_resolution,
+    photo_warnings,
+    square_batch,
     train_residual,
 )
-from ..residual_core.errors import check_range
-from ..residual_core.images import MAX_SIDE, MIN_SIDE, photo_warnings, square_batch
-from ..residual_core.words import identifier_warnings
+from .advice import in_ui_words
 from .comfy_model import base_hash, prediction_of, targets_of, tokenizer_of
 from .pictures import loss_curve
+from .precision import autocast_dtype, compute_dtype, loss_scaler, training_attention
 from .residual_type import CATEGORY, Residual
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on GPUs that have it (the residual's factors and the optimiser stay float32); elsewhere
-    the model runs in its own dtype."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
+def training_resolution(resolution: int, family: str, prediction: str) -> int:
+    """The resolution input, with 0 meaning the family's native one (512 for a UNet of no known family)."""
+    if resolution:
+        return resolution
+    native = native_resolution(family, prediction)
+    if native is None:
+        logging.warning("Train Personalized Residual: resolution 0 (native), but this UNet is of no known family (%s): "
+                        "training at %d px. Set the resolution to the model's own.", family, DEFAULT_RESOLUTION)
+        return DEFAULT_RESOLUTION
+    logging.info("Train Personalized Residual: training at %s's native %d px.", family_label(family), native)
+    return native
 
 
 class _PositiveOnlyGuider(comfy.samplers.CFGGuider):
@@ -50,14 +64,22 @@ class _TrainingRun(comfy.samplers.Sampler):
         self.residual, self.config, self.targets = residual, config, targets
         self.flipped, self.on_step = flipped_latents, on_step
         self.losses = None
+        self.scaler = None
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
         base = model_wrap.inner_model
         prediction = prediction_of(base)
-        model_options = extra_args["model_options"]
+        # The training pass only: attention kernels with no backward pass are swapped for one with it.
+        model_options = {**extra_args["model_options"]}
+        model_options["transformer_options"] = training_attention(model_options.get("transformer_options", {}))
         conds = model_wrap.conds["positive"]
         schedule = base.model_sampling.sigmas.to(latent_image.device, torch.float32)
+        autocast = autocast_dtype(latent_image.device)
+        self.scaler = loss_scaler(base, autocast)
+        logging.info("Train Personalized Residual: the UNet computes in %s%s; the residual and its optimiser in float32.",
+                     str(autocast or compute_dtype(base)).removeprefix("torch."),
+                     ", with loss scaling" if self.scaler is not None else "")
 
         def denoiser(x_t, t, index):  # DDPM x_t, integer t -> the raw eps / v, via ComfyUI's own model call
             s = schedule[t].view(-1, 1, 1, 1)
@@ -70,8 +92,11 @@ class _TrainingRun(comfy.samplers.Sampler):
         flipped = None if self.flipped is None else base.process_latent_in(self.flipped.to(latent_image.device))
         self.losses = train_residual(
             self.residual, base.diffusion_model, denoiser, latent_image, 1 / (1 + schedule**2), prediction,
-            self.config, flipped, self.on_step, autocast_dtype(latent_image.device), targets=self.targets,
+            self.config, flipped, self.on_step, autocast, targets=self.targets, scaler=self.scaler,
         )
+        if self.scaler is not None and self.scaler.skipped:
+            logging.info("Train Personalized Residual: %d of %d steps skipped for float16 gradient overflow (loss scale "
+                         "now %g).", self.scaler.skipped, self.config.steps, self.scaler.scale)
         return latent_image
 
 
@@ -83,8 +108,9 @@ class TrainPersonalizedResidual(io.ComfyNode):
             display_name="Train Personalized Residual",
             category=CATEGORY,
             description=(
-                "Teach the model a new concept from a few photos by training low-rank residuals on the output "
-                "projection of every transformer block (Ham et al., CVPR 2024). The model itself is not changed."
+                "Personalize Stable Diffusion: teach the model a new concept from a few photos, as DreamBooth does, "
+                "by training small LoRA-style low-rank residuals on the output projection of every transformer block "
+                "(Personalized Residuals, Ham et al., CVPR 2024). The model itself is not changed."
             ),
             is_input_list=True,  # photos of different sizes may arrive as a list (e.g. from a folder loader)
             inputs=[
@@ -107,8 +133,9 @@ class TrainPersonalizedResidual(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
                              tooltip="Seed for the residual init and every random draw of training: same seed and "
                              "inputs, same residual (so it stays fixed between runs, unlike a sampler's seed)."),
-                io.Int.Input("resolution", default=512, min=64, max=4096, step=64, tooltip="Training resolution in "
-                             "pixels: the model's native one (512 for SD1.x, 768 for SD2.x-v, 1024 for SDXL)."),
+                io.Int.Input("resolution", default=0, min=0, max=4096, step=64, tooltip="Training resolution in "
+                             "pixels. 0: the model's native one (512 for SD1.x and SD2.x-base, 768 for SD2.x-v, 1024 "
+                             "for SDXL)."),
                 io.Boolean.Input("flip", default=False, tooltip="Also train on horizontally flipped photos. Leave "
                                  "off for asymmetric concepts (text, logos)."),
                 io.Combo.Input("init", options=list(INITS), default="zero", tooltip="zero: the untrained residual "
@@ -126,6 +153,7 @@ class TrainPersonalizedResidual(io.ComfyNode):
         )
 
     @classmethod
+    @in_ui_words
     def execute(cls, model, clip, vae, images, class_word, identifier, steps, learning_rate, batch_size,
                 rank_fraction, seed, resolution, flip, init, gradient_checkpointing=(False,)) -> io.NodeOutput:
         (model, clip, vae, class_word, identifier, steps, learning_rate, batch_size, rank_fraction, seed,
@@ -143,11 +171,13 @@ class TrainPersonalizedResidual(io.ComfyNode):
         config = TrainConfig(steps=steps, batch_size=batch_size, lr=learning_rate, seed=seed, flip=flip,
                              gradient_checkpointing=gradient_checkpointing)
         config.check()
-        check_range("resolution", resolution, MIN_SIDE, MAX_SIDE, "Use the model's native one (512 for SD1.x).")
-        if resolution % 8:
-            raise ResidualError(f"resolution must be a multiple of 8 (the VAE's scale), got {resolution}.")
-        prediction_of(model.model)
+        if resolution != 0:
+            check_range("resolution", resolution, MIN_SIDE, MAX_SIDE, "Use 0 for the model's native one.")
+            if resolution % 8:
+                raise ResidualError(f"resolution must be a multiple of 8 (the VAE's scale), got {resolution}.")
+        prediction = prediction_of(model.model)
         targets = targets_of(model)
+        resolution = training_resolution(resolution, model_family(targets), prediction)
         prompt = f"a photo of a {identifier} {class_word}"
         locate_concept(tokenizer_of(clip), prompt, identifier, class_word)  # both words tokenize and are found
         pixels = square_batch(images, resolution)
@@ -155,7 +185,7 @@ class TrainPersonalizedResidual(io.ComfyNode):
         for line in warnings:
             logging.warning("Train Personalized Residual: %s", line)
         meta = ResidualMeta(class_word=class_word, identifier=identifier, steps=steps, lr=learning_rate,
-                            seed=seed, batch_size=batch_size)
+                            seed=seed, batch_size=batch_size, weight_decay=config.weight_decay)
         with torch.inference_mode(False):  # a trainable residual can't be made of inference tensors
             residual = ResidualSet.for_targets(targets, rank_fraction, init, seed, meta)
 

@@ -7,7 +7,12 @@ import math
 
 
 class ResidualError(ValueError):
-    pass
+    """advice: where the fix is a step in the user interface (connect a node, use another node), its key
+    in the interface's words (nodes/advice.py, which appends them); the core itself names no UI."""
+
+    def __init__(self, message: str, advice: str | None = None):
+        super().__init__(message)
+        self.advice = advice
 
 
 class TrainingDiverged(ResidualError):

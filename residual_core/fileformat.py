@@ -2,12 +2,14 @@
 
 Keys per layer: `lora_unet_<layer>.lora_down.weight` [r, in(, 1, 1)], `.lora_up.weight` [out, r(, 1, 1)]
 and `.alpha` (= r, so the scale is 1); 4-D for SD1.x's conv proj_out. Any LoRA loader that reads kohya
-files (ComfyUI's LoraLoaderModelOnly, A1111, kohya's tools) applies it as a global residual.
+files (ComfyUI's LoraLoaderModelOnly, A1111, kohya's tools) applies it as a global residual. The kohya
+names (diffusers' block numbering) live here only: a ResidualSet is keyed by module path.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 
 import safetensors.torch
@@ -18,6 +20,39 @@ from .errors import ResidualError
 from .residual import LowRankResidual, ResidualMeta, ResidualSet
 from .targets import family_of
 
+# Diffusers numbers a UNet level's blocks apart from its down/upsampler: every SD1.x, SD2.x and SDXL UNet
+# has 2 res blocks per level, so 3 LDM blocks per level (input_blocks.1 = down_blocks.0.attentions.0).
+_PER_LEVEL = 3
+_PATH = re.compile(r"(input_blocks|output_blocks)\.(\d+)\.1\.proj_out|middle_block\.1\.proj_out")
+_KOHYA = re.compile(r"lora_unet_(down|up)_blocks_(\d+)_attentions_(\d+)_proj_out|lora_unet_mid_block_attentions_0_proj_out")
+
+
+def kohya_key(path: str) -> str:
+    """'input_blocks.1.1.proj_out' -> 'lora_unet_down_blocks_0_attentions_0_proj_out' (and mid, up)."""
+    m = _PATH.fullmatch(path)
+    if m is None:
+        raise ResidualError(f"{path!r} is not a transformer block's proj_out of an SD UNet: no kohya name for it.")
+    if m.group(1) is None:
+        return "lora_unet_mid_block_attentions_0_proj_out"
+    i = int(m.group(2))
+    if m.group(1) == "input_blocks":
+        return f"lora_unet_down_blocks_{(i - 1) // _PER_LEVEL}_attentions_{(i - 1) % _PER_LEVEL}_proj_out"
+    return f"lora_unet_up_blocks_{i // _PER_LEVEL}_attentions_{i % _PER_LEVEL}_proj_out"
+
+
+def module_path(key: str) -> str:
+    """The inverse of kohya_key."""
+    m = _KOHYA.fullmatch(key)
+    if m is None:
+        raise ResidualError(f"Layer {key} is not a transformer block's proj_out of an SD UNet; the file is damaged.")
+    if m.group(1) is None:
+        return "middle_block.1.proj_out"
+    level, i = int(m.group(2)), int(m.group(3))
+    if m.group(1) == "down":
+        return f"input_blocks.{level * _PER_LEVEL + i + 1}.1.proj_out"
+    return f"output_blocks.{level * _PER_LEVEL + i}.1.proj_out"
+
+
 FORMAT = "personalized_residual"
 FORMAT_VERSION = 1
 _SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
@@ -25,7 +60,8 @@ _SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 
 def to_state_dict(residual: ResidualSet) -> dict[str, torch.Tensor]:
     sd = {}
-    for key, layer in residual.layers.items():
+    for path, layer in residual.layers.items():
+        key = kohya_key(path)
         down, up = layer.down.detach().float().cpu(), layer.up.detach().float().cpu()
         if layer.conv:
             down, up = down[:, :, None, None], up[:, :, None, None]
@@ -46,9 +82,8 @@ def _check_format(meta: dict[str, str]) -> None:
     version = meta.get("format_version", str(FORMAT_VERSION))
     if not version.isdigit() or int(version) > FORMAT_VERSION:
         raise ResidualError(
-            f"This residual file has format version {version!r}; this pack reads up to {FORMAT_VERSION}. "
-            "Update the node pack."
-        )
+            f"This residual file has format version {version!r}; this pack reads up to {FORMAT_VERSION}.",
+            advice="update_pack")
 
 
 def _layer_keys(names) -> list[str]:
@@ -65,14 +100,12 @@ def _layer_keys(names) -> list[str]:
         example = min(names, default="nothing")
         raise ResidualError(
             f"This file has no proj_out residuals ({len(names)} tensors, e.g. {example!r}): it is not a personalized "
-            "residual. A regular LoRA loads with LoraLoaderModelOnly."
-        )
+            "residual.", advice="regular_lora")
     other = unknown + sorted(k for k in groups if k not in proj)
     if other:
         raise ResidualError(
             f"This file holds tensors besides proj_out residuals: {other[:3]} ({len(other)} in all). It is a "
-            "regular LoRA (load it with LoraLoaderModelOnly) or a damaged residual."
-        )
+            "regular LoRA or a damaged residual.", advice="regular_lora")
     for key in proj:
         if f"{key}.lora_down.weight" not in names or f"{key}.lora_up.weight" not in names:
             raise ResidualError(f"Layer {key} needs both lora_down.weight and lora_up.weight; the file is incomplete.")
@@ -113,8 +146,8 @@ def from_state_dict(sd: dict[str, torch.Tensor], meta: dict[str, str] | None = N
 def _build(keys: list[str], tensor, meta: dict[str, str]) -> ResidualSet:
     """tensor(name) -> the named tensor, or None when the file has none (alpha is optional)."""
     info = ResidualMeta.from_strings(meta)
-    layers = {k: _layer(k, tensor(f"{k}.lora_down.weight"), tensor(f"{k}.lora_up.weight"), tensor(f"{k}.alpha"))
-              for k in keys}
+    layers = {module_path(k): _layer(k, tensor(f"{k}.lora_down.weight"), tensor(f"{k}.lora_up.weight"),
+                                     tensor(f"{k}.alpha")) for k in keys}
     if len({layer.conv for layer in layers.values()}) > 1:
         raise ResidualError("This file mixes conv (4-D) and linear (2-D) layers; no SD UNet has both. It is damaged.")
     family = family_of(len(layers), {layer.up.shape[0] for layer in layers.values()}, next(iter(layers.values())).conv)

@@ -1,7 +1,7 @@
 """How residuals enter a UNet: forward hooks, attached for a scope and removed after it.
 
 Hooks add `strength * M * (dW x)` to a layer's output (summed over concepts when there are several):
-every proj_out for a ResidualSet, any Linear or 1x1 conv for LoraLayers (a LoRA file's layers). They
+each layer of a ResidualSet (every proj_out for a residual, any Linear or 1x1 conv for a LoRA's). They
 replace no module or weight, so weight patches on the same layer (a stock LoRA), attention patches and
 offloading keep working, and the UNet is exactly as before once the scope ends. Training, LAG sampling
 and global sampling all go through attach().
@@ -16,19 +16,19 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .family import SD_UNET, Family, _submodule
 from .lag import CallLayout, LagSession, resolve_overlaps
-from .layers import LoraLayers
 from .residual import LowRankResidual, ResidualSet
-from .targets import Target, find_targets
+from .targets import Target
 
 
 @dataclass
 class Concept:
     """One residual on a UNet: applied everywhere, or (with a LagSession) where its words attend.
 
-    residual: a ResidualSet (the paper's proj_out residuals) or LoraLayers (a LoRA's layers anywhere)."""
+    residual: a ResidualSet: the paper's proj_out residuals, or a LoRA's layers anywhere."""
 
-    residual: ResidualSet | LoraLayers
+    residual: ResidualSet
     strength: float = 1.0
     lag: LagSession | None = None
 
@@ -95,7 +95,7 @@ def _layer_hook(path: str, entries: list[_Entry], masks: _BlockMasks, block: tup
                 lag = masks.get(block, b, seen[1:], x.device, final)
             else:  # another patch merged or tiled the tokens (ToMe, HyperTile): positions can't be matched
                 warnings.warn(f"LAG: layer {path} sees {b}x{x.shape[1] if h is None else h * w} positions, not its block's "
-                              f"{seen} (another node merges or tiles tokens); its delta is left out there.", stacklevel=1)
+                              f"{seen} (another patch merges or tiles tokens); its delta is left out there.", stacklevel=1)
         for e in entries:
             if e.masked and lag is None:
                 continue
@@ -106,13 +106,6 @@ def _layer_hook(path: str, entries: list[_Entry], masks: _BlockMasks, block: tup
         return out
 
     return hook
-
-
-def _submodule(root: nn.Module, path: str) -> nn.Module:
-    """root.get_submodule(path), several times faster (hundreds of lookups per UNet call with a LoRA)."""
-    for part in path.split("."):
-        root = root._modules[part]
-    return root
 
 
 def _grid_hook(block: tuple, grids: dict):
@@ -143,35 +136,34 @@ def _attention_hooks(block: tuple, heads: int, sessions: list[LagSession]):
 @contextmanager
 def attach(
     unet: nn.Module,
-    residual: ResidualSet | LoraLayers | list[Concept],
-    strength: float = 1.0,
-    lag: LagSession | None = None,
+    concepts: list[Concept],
     call: CallLayout | None = None,
+    family: Family = SD_UNET,
     targets: list[Target] | None = None,
 ):
-    """Within the scope, every layer of `residual` adds its delta to its module's output: a ResidualSet's
-    on every proj_out, LoraLayers' on their modules; masked by `lag` when given (see layers.py for which
-    layers a mask applies to, and when).
+    """Within the scope, every layer of each concept's residual adds its delta to its module's output (a
+    residual's on every proj_out, a LoRA's on their modules), times the concept's strength, and, when
+    the concept has a LagSession, times its mask (see layers.py for which layers a mask applies to, and
+    when). Several concepts share an image, each masked by its own words; where LAG masks overlap, the
+    concept that attends most wins.
 
-    `residual` may also be a list of Concepts (then strength and lag are theirs): several concepts in one
-    image, each masked by its own words; where LAG masks overlap, the concept that attends most wins.
     call: how the batch splits into chunks, for LAG (see CallLayout); None means every row is the LAG prompt's.
-    One scope per UNet call when the layout changes per call.
+    One scope per UNet call when the layout changes per call. targets: family.targets(unet), when the caller
+    has them already.
     """
-    concepts = residual if isinstance(residual, list) else [Concept(residual, strength, lag)]
-    targets = targets if targets is not None else find_targets(unet)
+    targets = targets if targets is not None else family.targets(unet)
     entries: dict[str, list[_Entry]] = {}
     blocks: dict[str, tuple | None] = {}
     for i, concept in enumerate(concepts):
         lagged = concept.lag is not None
-        for path, (layer, block) in concept.residual.placement(unet, targets, lagged).items():
+        for path, (layer, block) in concept.residual.placement(unet, targets, lagged, family).items():
             entries.setdefault(path, []).append(_Entry(i, layer, concept.strength, lagged and block is not None))
             blocks[path] = block
         if lagged:
             concept.lag.begin_call(call or CallLayout())
     sessions = [c.lag for c in concepts if c.lag is not None]
     finals = {t.name for t in targets}
-    if sessions:  # every proj_out ends its block's maps, whether or not a concept has a layer there
+    if sessions:  # every block's residual layer ends its maps, whether or not a concept has a layer there
         for t in targets:
             entries.setdefault(t.name, [])
             blocks[t.name] = t.block
@@ -182,12 +174,11 @@ def attach(
             hook = _layer_hook(path, es, masks, blocks[path], path in finals, grids)
             handles.append(_submodule(unet, path).register_forward_hook(hook))
         for t in targets if sessions else ():  # after the layer hooks: q and k as the model computes them
-            transformer = _submodule(unet, t.name.rsplit(".", 1)[0])
-            handles.append(transformer.register_forward_pre_hook(_grid_hook(t.block, grids), with_kwargs=True))
-            for block in transformer.transformer_blocks:
-                q_hook, k_hook = _attention_hooks(t.block, block.attn2.heads, sessions)
-                handles.append(block.attn2.to_q.register_forward_hook(q_hook))
-                handles.append(block.attn2.to_k.register_forward_hook(k_hook))
+            handles.append(family.grid(unet, t).register_forward_pre_hook(_grid_hook(t.block, grids), with_kwargs=True))
+            for site in family.attention(unet, t):
+                q_hook, k_hook = _attention_hooks(t.block, site.heads, sessions)
+                handles.append(site.query.register_forward_hook(q_hook))
+                handles.append(site.key.register_forward_hook(k_hook))
         yield
     finally:
         for h in handles:

@@ -26,11 +26,11 @@ def _frames(images: list[torch.Tensor]) -> list[torch.Tensor]:
     for img in images:
         if not isinstance(img, torch.Tensor) or img.ndim not in (3, 4):
             shape = tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
-            raise ResidualError(f"images: got {shape}; an IMAGE is [batch, height, width, channels]. Connect a "
-                                "Load Image (or any IMAGE output) to the images input.")
+            raise ResidualError(f"images: got {shape}; an IMAGE is [batch, height, width, channels].",
+                                advice="connect_image")
         frames.extend(img if img.ndim == 4 else img[None])
     if not frames:
-        raise ResidualError("images: no photos. Connect an IMAGE with photos of the concept (3-6 is typical).")
+        raise ResidualError("images: no photos.", advice="connect_photos")
     n = len(frames)
     for i, f in enumerate(frames, start=1):
         name = f"images: photo {i} of {n}"
@@ -38,19 +38,17 @@ def _frames(images: list[torch.Tensor]) -> list[torch.Tensor]:
         if c not in (1, 2, 3, 4):
             raise ResidualError(f"{name} has {c} channels; expected 3 (RGB), or 1 (gray), 2 or 4 (with alpha).")
         if min(h, w) < MIN_SIDE or max(h, w) > MAX_SIDE:
-            raise ResidualError(
-                f"{name} is {w}x{h} px; each side must be {MIN_SIDE} to {MAX_SIDE} px. "
-                + ("Use a larger photo (512 px or more is best)." if min(h, w) < MIN_SIDE else
-                   "Scale it down first (e.g. with 'Upscale Image By' at a scale below 1).")
-            )
+            small = min(h, w) < MIN_SIDE
+            raise ResidualError(f"{name} is {w}x{h} px; each side must be {MIN_SIDE} to {MAX_SIDE} px. "
+                                + ("Use a larger photo (512 px or more is best)." if small else "Scale it down first."),
+                                advice=None if small else "scale_down")
         if not f.is_floating_point():
             raise ResidualError(
                 f"{name} holds {str(f.dtype).removeprefix('torch.')} integers; IMAGEs are floats in 0-1. Divide "
-                "8-bit data by 255 and 16-bit data by 65535, or load the file with Load Image."
-            )
+                "8-bit data by 255 and 16-bit data by 65535.", advice="load_image")
         if not bool(torch.isfinite(f).all()):
-            raise ResidualError(f"{name} contains NaN or infinite values: the node that made it failed. Check "
-                                "the nodes before the images input.")
+            raise ResidualError(f"{name} contains NaN or infinite values: whatever made it failed.",
+                                advice="check_upstream")
         lo, hi = (float(v) for v in torch.aminmax(f.float()))
         if lo < -OVERSHOOT or hi > 1 + OVERSHOOT:
             raise ResidualError(

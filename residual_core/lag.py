@@ -223,8 +223,8 @@ class LagSession:
         if key not in self._columns:
             if tokens % self.prompt_tokens or max(self.positions) >= tokens:
                 raise ResidualError(
-                    f"The conditioning has {tokens} tokens but the LAG prompt has {self.prompt_tokens}: the "
-                    "KSampler's positive input must be the LAG Sampler's conditioning output."
+                    f"The conditioning has {tokens} tokens but the LAG prompt has {self.prompt_tokens}: without the "
+                    "prompt's embeddings, the conditional rows must hold the LAG prompt itself."
                 )
             cols = [p + r * self.prompt_tokens for r in range(tokens // self.prompt_tokens) for p in self.positions]
             self._columns[key] = torch.tensor(cols, device=device)
@@ -307,7 +307,10 @@ class LagSession:
         """A follower's (mask, score): from its source LAG chunk (see _source) in this call, else from this
         evaluation, moved to the follower's region; zeros when there is none."""
         call, source = self.call, self._source(frame)
-        here = {call.frames[i]: own[i] for i, _ in call.lag if i in own}  # chunks of one call share the grid
+        here = {}  # the first LAG chunk of each region in this call (chunks of one call share the grid)
+        for i, _ in call.lag:
+            if i in own:
+                here.setdefault(call.frames[i], own[i])
         if frame in here or source in here:
             key = frame if frame in here else source
             pick = (key, grid, *here[key])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -89,6 +90,7 @@ class ResidualMeta:
     seed: int = 0
     batch_size: int = 0
     init: str = "zero"
+    weight_decay: float = 0.01  # AdamW's; files from before it was recorded were all trained with 0.01
 
     def as_strings(self) -> dict[str, str]:
         return {k: str(v) for k, v in asdict(self).items()}
@@ -106,6 +108,7 @@ class ResidualMeta:
         try:
             check_range("rank_fraction", out.rank_fraction, 0, 1, low_open=True)
             check_range("lr", out.lr, 0, 1)
+            check_range("weight_decay", out.weight_decay, 0, 1)
             for name in ("steps", "seed", "batch_size"):
                 check_range(name, getattr(out, name), 0, 2**64)
             if out.init not in INITS:
@@ -115,13 +118,37 @@ class ResidualMeta:
         return out
 
 
-class ResidualSet(nn.Module):
-    """One LowRankResidual per target, keyed by kohya layer name, plus the concept's metadata."""
+KINDS = ("residual", "lora")
+UNMASKABLE = ("global", "skip")
 
-    def __init__(self, layers: dict[str, LowRankResidual], meta: ResidualMeta | None = None):
+
+class ResidualSet(nn.Module):
+    """Low-rank deltas on named layers of a model: module path (inside the UNet, e.g.
+    "input_blocks.1.1.proj_out") -> LowRankResidual, and what LAG does with them.
+
+    kind "residual": a trained personalized residual, one layer on every target (each block's proj_out),
+    with the concept's metadata. kind "lora": a LoRA file's layers, on any Linear or 1x1-conv module.
+    With LAG, the layers a spatial mask can apply to (the family says which: Family.mask_block) are masked
+    by their block's mask and the others are applied everywhere (unmaskable "global") or left out ("skip").
+    Without LAG every layer applies everywhere: the LoRA as a weight merge would give it, up to rounding.
+    File names (kohya's) are the file format's business (fileformat.py), not this container's.
+    """
+
+    def __init__(self, layers: dict[str, LowRankResidual], meta: ResidualMeta | None = None, kind: str = "residual",
+                 unmaskable: str = "global"):
         super().__init__()
-        self.layers = nn.ModuleDict(layers)
-        self.meta = meta or ResidualMeta()
+        if kind not in KINDS:
+            raise ResidualError(f"kind must be one of {KINDS}, got {kind!r}.")
+        if unmaskable not in UNMASKABLE:
+            raise ResidualError(f"unmaskable must be one of {UNMASKABLE}, got {unmaskable!r}.")
+        self.paths = list(layers)
+        self.factors = nn.ModuleList(layers.values())  # registered, for .to(), .parameters(), requires_grad_()
+        self.meta, self.kind, self.unmaskable = meta or ResidualMeta(), kind, unmaskable
+        self._placements: dict[tuple[int, bool], tuple[weakref.ref, dict]] = {}  # per UNet: worked out once
+
+    @property
+    def layers(self) -> dict[str, LowRankResidual]:
+        return dict(zip(self.paths, self.factors, strict=True))
 
     @classmethod
     def for_targets(
@@ -138,7 +165,7 @@ class ResidualSet(nn.Module):
         for t in targets:
             layer = LowRankResidual(t.out_dim, t.in_dim, rank_for(t.out_dim, rank_fraction), t.conv)
             layer.reset(init, generator)
-            layers[t.key] = layer
+            layers[t.name] = layer
         meta = meta or ResidualMeta()
         meta.rank_fraction, meta.init, meta.base_family = rank_fraction, init, model_family(targets)
         return cls(layers, meta)
@@ -146,32 +173,78 @@ class ResidualSet(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def check_fits(self, targets: list[Target]) -> None:
-        """Raise a ResidualError that says what differs when this residual was made for another UNet."""
-        by_key = {t.key: t for t in targets}
+    def check_fits(self, targets: list[Target], unet: nn.Module | None = None) -> None:
+        """Raise a ResidualError that says what differs when this was made for another model: a residual
+        against the model's targets, a LoRA against the model's own layers (`unet`)."""
+        if self.kind == "lora":
+            return self._check_layers(unet)
+        by_path = {t.name: t for t in targets}
         model = family_label(model_family(targets))
         made_for = family_label(self.meta.base_family) if self.meta.base_family else "another model"
         fix = f"Use a residual trained with this model's family ({model}), or train one with this model."
-        if set(by_key) != set(self.layers):
+        if set(by_path) != set(self.paths):
             raise ResidualError(
-                f"This residual was made for {made_for} ({len(self.layers)} transformer blocks) but the model is "
+                f"This residual was made for {made_for} ({len(self.paths)} transformer blocks) but the model is "
                 f"{model} ({len(targets)} transformer blocks). {fix}"
             )
-        for key, layer in self.layers.items():
-            t = by_key[key]
+        for path, layer in self.layers.items():
+            t = by_path[path]
             got = (layer.up.shape[0], layer.down.shape[1], layer.conv)
             if got != (t.out_dim, t.in_dim, t.conv):
                 raise ResidualError(
-                    f"This residual was made for {made_for} but the model is {model}: its layer {key} is "
+                    f"This residual was made for {made_for} but the model is {model}: its layer {path} is "
                     f"{got[0]}x{got[1]} ({'conv' if got[2] else 'linear'}), the model's is {t.out_dim}x{t.in_dim} "
                     f"({'conv' if t.conv else 'linear'}). {fix}"
                 )
 
-    def placement(self, unet: nn.Module, targets: list[Target], lagged: bool) -> dict[str, tuple[LowRankResidual, tuple]]:
-        """Module path -> (layer, the block whose LAG mask it takes), as attach() applies it (see LoraLayers)."""
-        self.check_fits(targets)
-        return {t.name: (self.layers[t.key], t.block) for t in targets}
+    def _check_layers(self, unet: nn.Module) -> None:
+        for path, layer in self.layers.items():
+            try:
+                weight = unet.get_submodule(path).weight
+            except AttributeError:
+                raise ResidualError(f"This LoRA has a layer {path} that the model lacks: it was made for another "
+                                    "model. Use a LoRA made for this model's family.") from None
+            ours = (layer.up.shape[0], layer.down.shape[1], "1x1 conv" if layer.conv else "linear")
+            kind = "linear" if weight.ndim == 2 else "1x1 conv" if weight.shape[2:] == (1, 1) else "conv"
+            if ours != (weight.shape[0], weight.shape[1], kind):
+                raise ResidualError(f"This LoRA's layer {path} is {ours[0]}x{ours[1]} ({ours[2]}), the model's is "
+                                    f"{weight.shape[0]}x{weight.shape[1]} ({kind}): it was made for another model. "
+                                    "Use a LoRA made for this model's family.")
+
+    def placement(self, unet: nn.Module, targets: list[Target], lagged: bool, family
+                  ) -> dict[str, tuple[LowRankResidual, tuple | None]]:
+        """Module path -> (layer, the block whose mask it takes or None for everywhere), as attach() applies it.
+        Worked out on the first call for a UNet (a LoRA has hundreds of layers: not on every UNet call)."""
+        cached = self._placements.get((id(unet), lagged))
+        if cached is not None and cached[0]() is unet:
+            return cached[1]
+        self.check_fits(targets, unet)
+        out = {}
+        for path, layer in self.layers.items():
+            block = family.mask_block(path, targets)
+            if block is None and lagged and self.unmaskable == "skip":
+                continue
+            out[path] = (layer, block)
+        self._placements[(id(unet), lagged)] = (weakref.ref(unet), out)
+        return out
 
     def forget_casts(self) -> None:
-        for layer in self.layers.values():
+        for layer in self.factors:
             layer.forget_cast()
+
+
+def low_rank(up: torch.Tensor, down: torch.Tensor, alpha: float | None = None, conv: bool | None = None) -> LowRankResidual:
+    """A LoRA layer's factors as a LowRankResidual: up [out, r(, 1, 1)], down [r, in(, 1, 1)], scale alpha / r
+    (1 without alpha, as ComfyUI reads such files). conv: whether the layer is a 1x1 conv (default: whether
+    the factors are 4-D; some tools save 2-D factors for 1x1 convs)."""
+    kernels = [t.shape[2:] for t in (up, down) if t.ndim == 4]
+    if up.ndim not in (2, 4) or down.ndim not in (2, 4) or any(k != (1, 1) for k in kernels) or up.shape[1] != down.shape[0]:
+        raise ResidualError(f"Only the factors of linear and 1x1-conv LoRA layers can be masked, got up {list(up.shape)} "
+                            f"and down {list(down.shape)}.")
+    rank = down.shape[0]
+    layer = LowRankResidual(up.shape[0], down.shape[1], rank, down.ndim == 4 if conv is None else conv,
+                            alpha=rank if alpha is None else alpha)
+    with torch.no_grad():
+        layer.up.copy_(up.reshape(up.shape[0], rank))
+        layer.down.copy_(down.reshape(rank, down.shape[1]))
+    return layer

@@ -19,8 +19,7 @@ _PARTS = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "o
 class Target:
     """One proj_out layer that receives a residual."""
 
-    name: str  # state-dict path inside the UNet, e.g. "input_blocks.1.1.proj_out"
-    key: str  # kohya LoRA name, e.g. "lora_unet_down_blocks_0_attentions_0_proj_out"
+    name: str  # module path inside the UNet, e.g. "input_blocks.1.1.proj_out"
     block: tuple[str, int]  # ComfyUI's block id, e.g. ("input", 1)
     conv: bool  # 1x1 Conv2d (SD1.x) or Linear (SD2.x, SDXL)
     out_dim: int
@@ -28,27 +27,8 @@ class Target:
     depth: int  # transformer blocks feeding this proj_out (SDXL: 2 or 10)
 
 
-def _kohya_key(part: str, index: int, blocks_per_level: int) -> str:
-    # The diffusers naming that kohya/A1111 tools and ComfyUI's LoRA loader all understand.
-    if part == "input_blocks":
-        return f"lora_unet_down_blocks_{(index - 1) // blocks_per_level}_attentions_{(index - 1) % blocks_per_level}_proj_out"
-    if part == "middle_block":
-        return "lora_unet_mid_block_attentions_0_proj_out"
-    return f"lora_unet_up_blocks_{index // blocks_per_level}_attentions_{index % blocks_per_level}_proj_out"
-
-
-def _blocks_per_level(unet: nn.Module) -> int:
-    nrb = getattr(unet, "num_res_blocks", 2)
-    if isinstance(nrb, (list, tuple)):
-        if len(set(nrb)) != 1:
-            raise ResidualError(f"UNets with a different number of res blocks per level ({list(nrb)}) are not supported.")
-        nrb = nrb[0]
-    return int(nrb) + 1
-
-
 def find_targets(unet: nn.Module) -> list[Target]:
     """Every SpatialTransformer's proj_out in forward order (16 in SD1.x/SD2.x, 11 in SDXL)."""
-    per_level = _blocks_per_level(unet)
     targets = []
     for name, module in unet.named_modules():
         if not (hasattr(module, "transformer_blocks") and hasattr(module, "proj_out")):
@@ -61,7 +41,6 @@ def find_targets(unet: nn.Module) -> list[Target]:
         targets.append(
             Target(
                 name=f"{name}.proj_out",
-                key=_kohya_key(parts[0], index, per_level),
                 block=(_PARTS[parts[0]], index),
                 conv=weight.ndim == 4,
                 out_dim=weight.shape[0],

@@ -2,12 +2,18 @@
 
 The loss is the standard diffusion MSE at uniformly drawn discrete timesteps, on epsilon or on v
 (SD2.x-v), matching how the base model was trained. Latents and the text conditioning are fixed for
-the run (the caller encodes them once); every random draw of the run is made up front from the seed.
+the run (the caller encodes them once). Every random draw comes from one generator seeded by the seed: the
+image order, flips and timesteps up front (a few numbers per step), the noise one step at a time (see
+_step_noise), the same numbers as one up-front draw would give.
+
+A model that computes in float16 needs loss scaling (LossScaler): the gradients reaching the residual are
+mostly below float16's normal range. The residual and its optimiser stay float32 whatever the model runs in.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -17,7 +23,7 @@ from torch import nn
 
 from .checkpointing import checkpointed
 from .errors import ResidualError, TrainingDiverged, check_range
-from .hooks import attach, frozen
+from .hooks import Concept, attach, frozen
 from .residual import ResidualSet
 from .targets import Target
 
@@ -29,7 +35,12 @@ PREDICTIONS = ("eps", "v")
 
 @dataclass
 class TrainConfig:
-    """Defaults from the paper: 150 steps, batch 4, lr 1e-3 (AdamW, constant)."""
+    """Defaults from the paper: 150 steps, batch 4, lr 1e-3 (AdamW, constant).
+
+    weight_decay is AdamW's decoupled weight decay: each step shrinks the residual's factors by lr x
+    weight_decay (1e-5 of their value at the defaults, so about 0.15% over 150 steps). 0.01 is torch's AdamW
+    default, which this pack always used; it is written into the residual file's metadata.
+    """
 
     steps: int = 150
     batch_size: int = 4
@@ -37,11 +48,25 @@ class TrainConfig:
     seed: int = 0
     flip: bool = False  # use the horizontally flipped copies half of the time
     gradient_checkpointing: bool = False  # less activation memory, about one more forward pass per step
+    weight_decay: float = 0.01
 
     def check(self) -> None:
         check_range("steps", self.steps, 1, 100_000, "The paper uses 150.")
         check_range("batch_size", self.batch_size, 1, 64, "The paper uses 4.")
         check_range("learning rate", self.lr, 0, 1, "The paper uses 1e-3.", low_open=True)
+        check_range("weight_decay", self.weight_decay, 0, 1, "The default is 0.01 (torch's AdamW default).")
+
+
+# A family's native training resolution in pixels: what its base model was trained at. SD2.x's epsilon
+# model (SD2 "base") is 512, its v model 768.
+NATIVE_RESOLUTION = {"sd1": 512, "sd2-eps": 512, "sd2-v": 768, "sdxl": 1024}
+DEFAULT_RESOLUTION = 512  # a UNet of no known family
+
+
+def native_resolution(family: str, prediction: str) -> int | None:
+    """The native resolution of a model family (see targets.model_family); None for an unknown one."""
+    key = f"sd2-{prediction}" if family == "sd2" else family
+    return NATIVE_RESOLUTION.get(key)
 
 
 # The host reads the divergence flag every this many steps (one sync each), to stop soon after a NaN.
@@ -84,12 +109,61 @@ class _LastGood:
         )
 
 
+class LossScaler:
+    """Dynamic loss scaling, for a model that computes in float16 (GPUs without bf16: T4, V100, RTX 20xx).
+
+    The gradient of the mean-squared loss is 2 (out - target) / N per element, N = batch x latent size
+    (65,536 at SD's 512 px, batch 4), and it only shrinks on its way back to the residual: most of it is below
+    float16's smallest normal number (6.1e-5), where it loses precision or flushes to zero. The loss is
+    multiplied by `scale` (a power of two, so exact) before the backward pass and the float32 gradients
+    divided by it after. A step whose gradients overflowed (inf or NaN) is skipped, the residual and the
+    optimiser untouched, and the scale halved; after `growth_interval` good steps in a row it doubles.
+
+    A skipped step is not divergence: the loss the TrainingDiverged guard watches is the unscaled one. Only
+    gradients that overflow even unscaled (scale 1) stop training, with TrainingDiverged.
+    """
+
+    def __init__(self, scale: float = 2.0**16, growth_interval: int = 100):
+        self.scale = float(scale)
+        self.growth_interval = growth_interval
+        self.skipped = 0  # steps whose update was skipped
+        self._good = 0  # good steps in a row
+        self._overflowed_unscaled = False
+
+    def unscale(self, parameters: list[torch.Tensor]) -> bool:
+        """Divide the gradients by the scale; False, and the scale halved, if they overflowed. Reads one flag
+        from the device per step: the step must be taken or skipped before the next one."""
+        grads = [p.grad for p in parameters if p.grad is not None]
+        finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+        self._overflowed_unscaled = not finite and self.scale <= 1
+        if not finite:
+            self.skipped += 1
+            self.scale /= 2
+            self._good = 0
+            return False
+        for g in grads:
+            g.mul_(1 / self.scale)
+        self._good += 1
+        if self._good == self.growth_interval:
+            self.scale *= 2
+            self._good = 0
+        return True
+
+    def stop_if_unscaled(self, step: int) -> None:
+        """After a skipped step (0-based `step`): raise if its gradients overflowed with no scaling left."""
+        if self._overflowed_unscaled:
+            raise TrainingDiverged(
+                f"Training stopped: the gradients overflowed float16 at step {step + 1} even without loss scaling. The "
+                f"residual is as it was after step {step}. Train in float32 or bfloat16 (start ComfyUI with "
+                "--force-fp32 or --bf16-unet) or lower the learning rate.", step + 1, step)
+
+
 @dataclass
 class _Draws:
     index: torch.Tensor  # [steps, batch] image index
     flip: torch.Tensor  # [steps, batch] bool
     t: torch.Tensor  # [steps, batch] timestep
-    noise: torch.Tensor  # [steps, batch, *latent]
+    noise: Iterator[torch.Tensor]  # [batch, *latent] per step, drawn when asked for
 
 
 def _draw(config: TrainConfig, n_images: int, n_timesteps: int, latent_shape: tuple) -> _Draws:
@@ -102,8 +176,40 @@ def _draw(config: TrainConfig, n_images: int, n_timesteps: int, latent_shape: tu
         index=perms[:total].view(shape),
         flip=torch.rand(shape, generator=g) < 0.5,
         t=torch.randint(0, n_timesteps, shape, generator=g),
-        noise=torch.randn(*shape, *latent_shape, generator=g),
+        noise=_step_noise(g, config.steps, (config.batch_size, *latent_shape)),
     )
+
+
+_BLOCK = 16  # torch's CPU randn turns 16 uniforms at a time into normals (Box-Muller over 8 pairs)
+
+
+def _step_noise(g: torch.Generator, steps: int, shape: tuple) -> Iterator[torch.Tensor]:
+    """Each step's noise, bit-identical to torch.randn(steps, *shape, generator=g) but one step in memory
+    (that single draw is 42 GB for the node's 10,000 steps at batch 64, 512 px).
+
+    torch's CPU randn of n >= 16 numbers draws n uniforms, maps each aligned block of 16 to normals, and, when
+    16 does not divide n, draws 16 more uniforms for the last 16 numbers. So whole blocks are drawn as a step
+    needs them, and a ragged end is finished as randn does it (tier 1 compares with the single draw)."""
+    n = math.prod(shape)
+    total = steps * n
+    if n < _BLOCK:  # a tail could reach back into earlier steps; tiny anyway
+        yield from torch.randn(steps, *shape, generator=g)
+        return
+    whole = total - total % _BLOCK  # the numbers that come from whole blocks
+    ready, done = torch.empty(0), 0  # drawn but not yet handed out; how many were drawn
+    for step in range(steps):
+        need = min((step + 1) * n, whole) - done
+        if need > 0:
+            count = -(-need // _BLOCK) * _BLOCK
+            ready = torch.cat([ready, torch.randn(count, generator=g)])
+            done += count
+        if (step + 1) * n <= whole:
+            out, ready = ready[:n], ready[n:]
+        else:  # the last step of a ragged draw: randn's extra uniforms, then its redrawn last 16
+            torch.rand(total - whole, generator=g)
+            out = torch.cat([ready, torch.empty(total - whole)])
+            out[-_BLOCK:] = torch.randn(_BLOCK, generator=g)
+        yield out.view(shape)
 
 
 def fit(
@@ -116,6 +222,7 @@ def fit(
     flipped_latents: torch.Tensor | None = None,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
     autocast_dtype: torch.dtype | None = None,
+    scaler: LossScaler | None = None,
 ) -> torch.Tensor:
     """The diffusion-loss loop over `parameters` (tensors that require grad), whatever they belong to.
 
@@ -123,7 +230,8 @@ def fit(
     flipped, used when config.flip. on_step(step, losses) runs after each step with the loss history
     so far on the device (a place to report progress or raise to cancel). Returns the per-step losses.
     A NaN or inf loss raises TrainingDiverged within CHECK_EVERY steps, with `parameters` put back to their
-    last state that gave a finite loss.
+    last state that gave a finite loss. autocast_dtype: run the denoiser under autocast to it. scaler: loss
+    scaling, for a denoiser that computes in float16 (a step whose gradients overflow is skipped).
     """
     config = config or TrainConfig()
     config.check()
@@ -137,27 +245,31 @@ def fit(
     draws = _draw(config, latents.shape[0], alphas_cumprod.shape[0], tuple(latents.shape[1:]))
     t = draws.t.to(device)
     ab = alphas_cumprod.to(device, torch.float32)[t].view(*t.shape, 1, 1, 1)
-    index, noise = draws.index.to(device), draws.noise.to(device)
+    index = draws.index.to(device)
     flip = draws.flip.to(device).view(*t.shape, 1, 1, 1) if config.flip else None
 
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr)
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     losses = torch.zeros(config.steps, device=device)
     last_good = _LastGood(parameters)
-    for step in range(config.steps):
+    for step, eps in zip(range(config.steps), draws.noise, strict=True):
         x0 = latents[index[step]]
         if flip is not None:
             x0 = torch.where(flip[step], flipped_latents[index[step]], x0)
-        a, eps = ab[step], noise[step]
+        a, eps = ab[step], eps.to(device)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
         target = eps if prediction == "eps" else a.sqrt() * eps - (1 - a).sqrt() * x0
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             out = denoiser(x_t, t[step], index[step])
         loss = F.mse_loss(out.float(), target.float())
-        loss.backward()
-        last_good.update(loss.detach(), step)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         losses[step] = loss.detach()
+        (loss * scaler.scale if scaler is not None else loss).backward()
+        last_good.update(loss.detach(), step)
+        if scaler is not None and not scaler.unscale(parameters):
+            last_good.check(losses[: step + 1], config.lr)  # a NaN or inf loss overflows them too: divergence
+            scaler.stop_if_unscaled(step)
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         if (step + 1) % CHECK_EVERY == 0:
             last_good.check(losses[: step + 1], config.lr)
         if on_step is not None:
@@ -180,15 +292,16 @@ def train_residual(
     on_step: Callable[[int, torch.Tensor], None] | None = None,
     autocast_dtype: torch.dtype | None = None,
     targets: list[Target] | None = None,
+    scaler: LossScaler | None = None,
 ) -> torch.Tensor:
     """Train `residual`, attached to `unet`'s proj_out layers, with everything else frozen (see fit)."""
     config = config or TrainConfig()
     residual.to(latents.device).float().requires_grad_(True)
     recompute = checkpointed(unet) if config.gradient_checkpointing else nullcontext()
     try:
-        with frozen(unet), attach(unet, residual, targets=targets), recompute:
+        with frozen(unet), attach(unet, [Concept(residual)], targets=targets), recompute:
             return fit(list(residual.parameters()), denoiser, latents, alphas_cumprod, prediction, config,
-                       flipped_latents, on_step, autocast_dtype)
+                       flipped_latents, on_step, autocast_dtype, scaler)
     finally:
         residual.requires_grad_(False)
         residual.forget_casts()

@@ -280,7 +280,8 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--class-word", default="dog", help="the concept's class: dog, backpack, guitar amplifier")
     t.add_argument("--identifier", default="sks", help="the rare word that names the concept in prompts")
     t.add_argument("--steps", type=int, default=150)
-    t.add_argument("--resolution", type=int, default=512, help="512 for SD1.x, 768 for SD2.x-v, 1024 for SDXL")
+    t.add_argument("--resolution", type=int, default=0,
+                   help="0: the model's native one (512 for SD1.x, 768 for SD2.x-v, 1024 for SDXL)")
     t.add_argument("--batch-size", type=int, default=4)
     t.add_argument("--resize", default="None", choices=["None", "Stretch", "Crop", "Pad"],
                    help="how ComfyUI's folder loader treats photos of different sizes (None: they must match)")

@@ -90,7 +90,7 @@ class WorldModel(nn.Module):
         """DDIM (eta 0) with classifier-free guidance; one image per (caption, seed). -> [B, 3, 32, 32].
 
         patch(): a context manager entered around every UNet call, given the batch as [uncond; cond],
-        e.g. a residual attached with residual_core.attach(..., cond_or_uncond=[1, 0]).
+        e.g. a residual attached with residual_core.attach(..., call=CallLayout([1, 0])).
         """
         device = self.device
         cond = self.text.encode(captions)

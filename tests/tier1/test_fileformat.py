@@ -47,7 +47,7 @@ def test_damaged_or_foreign_files_say_what_is_wrong(tmp_path):
     fmt = {"format": "personalized_residual", "format_version": "1"}
     cases = [
         ({"lora_unet_down_blocks_0_attentions_0_attn1_to_q.lora_down.weight": torch.zeros(2, 4)}, None,
-         "no proj_out residuals.*LoraLoaderModelOnly"),
+         "no proj_out residuals.*not a personalized residual"),
         ({k: v for k, v in good.items() if k != f"{key}.lora_up.weight"}, None, "needs both lora_down"),
         ({**good, f"{key}.lora_up.weight": torch.zeros(3, 7)}, None, "not the two factors"),
         ({**good, f"{key}.lora_down.weight": down[:0], f"{key}.lora_up.weight": up[:, :0]}, None, "not the two factors"),
@@ -58,7 +58,7 @@ def test_damaged_or_foreign_files_say_what_is_wrong(tmp_path):
          "mixes conv"),
         ({**good, "text_encoder.something": torch.zeros(1)}, None, "besides proj_out.*regular LoRA"),
         ({**good, f"{key[:-8]}attn2_to_k.lora_up.weight": torch.zeros(1)}, None, "besides proj_out"),
-        (good, {**fmt, "format_version": "2"}, "format version '2'.*Update the node pack"),
+        (good, {**fmt, "format_version": "2"}, "format version '2'.*reads up to 1"),
         (good, {**fmt, "format_version": "1.1"}, "format version '1.1'"),
         (good, {"format": "something_else"}, "not a personalized residual"),
         (good, {**fmt, "steps": "many"}, "metadata field 'steps'"),

@@ -1,7 +1,16 @@
 import pytest
 import torch
 from helpers import tiny_unet
-from personalized_residuals.residual_core import CallLayout, LagSession, ResidualError, ResidualSet, attach, find_targets, lag
+from personalized_residuals.residual_core import (
+    CallLayout,
+    Concept,
+    LagSession,
+    ResidualError,
+    ResidualSet,
+    attach,
+    find_targets,
+    lag,
+)
 from personalized_residuals.residual_core.lag import check_rule, threshold, token_attention
 
 
@@ -33,9 +42,9 @@ def _outputs(unet, residual, monkeypatch, mask_value):
     monkeypatch.setattr(lag, "threshold", lambda attn, rule, value: torch.full_like(attn, mask_value))
     x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.randn(2, 6, 16)
     base = unet(x, t, ctx)
-    with attach(unet, residual, lag=LagSession([2, 3], 6)):
+    with attach(unet, [Concept(residual, lag=LagSession([2, 3], 6))]):
         lagged = unet(x, t, ctx)
-    with attach(unet, residual):
+    with attach(unet, [Concept(residual)]):
         global_ = unet(x, t, ctx)
     return base, lagged, global_
 
@@ -98,7 +107,7 @@ def test_maps_average_over_the_blocks_depth():
 def test_a_shorter_prompt_repeated_beside_a_longer_one_keeps_its_columns():
     session = LagSession([1, 2], 77)
     assert session.columns(154, torch.device("cpu")).tolist() == [1, 2, 78, 79]
-    with pytest.raises(ResidualError, match="LAG Sampler's conditioning"):
+    with pytest.raises(ResidualError, match="the conditional rows must hold the LAG prompt"):
         session.columns(100, torch.device("cpu"))
 
 
@@ -138,7 +147,7 @@ def _two_concepts(use_linear):
 @pytest.mark.parametrize("use_linear", [False, True])
 def test_two_concepts_a_concept_applies_only_inside_its_own_mask(use_linear, monkeypatch):
     unet, Concept, a, b, (x, t, ctx) = _two_concepts(use_linear)
-    with attach(unet, a, lag=LagSession([2], 6, "soft", 1.0)):
+    with attach(unet, [Concept(a, lag=LagSession([2], 6, "soft", 1.0))]):
         a_alone = unet(x, t, ctx)
     # Same words, same rule: equal scores everywhere, ties go to the first concept, so b applies nowhere.
     with attach(unet, [Concept(a, 1.0, LagSession([2], 6, "soft", 1.0)), Concept(b, 1.0, LagSession([2], 6, "soft", 1.0))]):

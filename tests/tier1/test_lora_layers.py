@@ -1,4 +1,4 @@
-"""LAG for any LoRA (residual_core/layers.py): which layers a mask applies to, and when, on SD-shaped UNets."""
+"""LAG for any LoRA (a ResidualSet of kind "lora"): which layers a mask applies to, and when, on SD-shaped UNets."""
 
 import copy
 
@@ -8,7 +8,6 @@ from helpers import tiny_unet
 from personalized_residuals.residual_core import (
     Concept,
     LagSession,
-    LoraLayers,
     ResidualError,
     ResidualSet,
     attach,
@@ -45,7 +44,7 @@ def _lora(unet, select=lambda path: True, unmaskable="global", seed=0, rank=2):
                 up, down = up[:, :, None, None], down[:, :, None, None]
             layers[path] = low_rank(up, down, alpha=1.0)
     assert layers
-    return LoraLayers(layers, unmaskable)
+    return ResidualSet(layers, kind="lora", unmaskable=unmaskable)
 
 
 def _merged(unet, lora, select=lambda path: True):
@@ -86,7 +85,7 @@ def _two_calls(unet, lora, monkeypatch, mask_value):
     monkeypatch.setattr(lag, "threshold", lambda attn, rule, value: torch.full_like(attn, mask_value))
     session, outs = LagSession(POSITIONS, PROMPT_TOKENS), []
     for seed in (0, 1):
-        with attach(unet, lora, lag=session):
+        with attach(unet, [Concept(lora, lag=session)]):
             outs.append(unet(*_inputs(seed)))
     return outs
 
@@ -109,7 +108,7 @@ def test_mask_of_ones_is_the_weight_merge_and_zeros_only_the_unmaskable_layers(u
     unmaskable_only = _merged(unet, lora, lambda p: not maskable(p))
     for out, seed in zip(_two_calls(unet, lora, monkeypatch, 0.0), (0, 1), strict=True):
         torch.testing.assert_close(out, unmaskable_only(*_inputs(seed)), rtol=1e-5, atol=1e-5)
-    skip = LoraLayers(lora.layers, unmaskable="skip")
+    skip = ResidualSet(lora.layers, kind="lora", unmaskable="skip")
     assert all(torch.equal(out, unet(*_inputs(seed)))
                for out, seed in zip(_two_calls(unet, skip, monkeypatch, 0.0), (0, 1), strict=True))
 
@@ -117,7 +116,7 @@ def test_mask_of_ones_is_the_weight_merge_and_zeros_only_the_unmaskable_layers(u
 def test_without_lag_every_layer_applies_everywhere_whatever_the_switch():
     unet = tiny_unet(use_linear=True)
     lora = _lora(unet, unmaskable="skip")
-    with attach(unet, lora):
+    with attach(unet, [Concept(lora)]):
         out = unet(*_inputs())
     torch.testing.assert_close(out, _merged(unet, lora)(*_inputs()), rtol=1e-5, atol=1e-5)
 
@@ -132,7 +131,7 @@ def test_text_layers_are_applied_everywhere_or_skipped_by_the_switch(monkeypatch
     for mask_value in (0.0, 1.0):  # whatever the mask
         _, out = _two_calls(unet, lora, monkeypatch, mask_value)
         torch.testing.assert_close(out, merged, rtol=1e-5, atol=1e-5)
-        _, out = _two_calls(unet, LoraLayers(lora.layers, "skip"), monkeypatch, mask_value)
+        _, out = _two_calls(unet, ResidualSet(lora.layers, kind="lora", unmaskable="skip"), monkeypatch, mask_value)
         assert torch.equal(out, base)
 
 
@@ -154,7 +153,7 @@ def test_layers_before_a_blocks_first_attn2_use_the_last_calls_mask_and_after_it
     previous = torch.zeros(2, 64)  # no mask before the first call: the layers before attn2 add nothing
     for seed in (0, 1):
         qk = {}
-        with attach(unet, lora, lag=session):
+        with attach(unet, [Concept(lora, lag=session)]):
             handles = [_spy(unet, f"{ST}.transformer_blocks.{j}.attn2.{p}", qk.setdefault((j, p), []))
                        for j in (0, 1) for p in ("to_q", "to_k")]
             out = unet(*_inputs(seed))
@@ -205,7 +204,7 @@ def test_a_layer_that_sees_other_tokens_than_its_block_is_left_out():
     path = f"{ST}.transformer_blocks.0.attn1.to_q"
     lora = _lora(unet, lambda p: p == path)
     module, tokens = unet.get_submodule(path), torch.randn(2, 16, 16)  # its block has 2x64
-    with attach(unet, lora, lag=LagSession(POSITIONS, PROMPT_TOKENS)):
+    with attach(unet, [Concept(lora, lag=LagSession(POSITIONS, PROMPT_TOKENS))]):
         unet(*_inputs())
         with pytest.warns(UserWarning, match="left out"):
             out = module(tokens)
@@ -217,13 +216,13 @@ def test_a_lora_for_another_model_names_the_layer():
     lora = _lora(other, lambda p: p.endswith("proj_in"))
     with pytest.raises(ResidualError, match=r"layer input_blocks.1.1.proj_in is 16x16 \(1x1 conv\), the model's is 16x16 "
                                             r"\(linear\).*another model"):
-        with attach(unet, lora):
+        with attach(unet, [Concept(lora)]):
             pass
-    missing = LoraLayers({"input_blocks.9.1.proj_in": next(iter(lora.layers.values()))})
+    missing = ResidualSet({"input_blocks.9.1.proj_in": next(iter(lora.layers.values()))}, kind="lora")
     with pytest.raises(ResidualError, match="layer input_blocks.9.1.proj_in that the model lacks"):
-        missing.check_fits(unet)
+        missing.check_fits(find_targets(unet), unet)
     with pytest.raises(ResidualError, match="unmaskable must be one of"):
-        LoraLayers({}, "mask")
+        ResidualSet({}, kind="lora", unmaskable="mask")
     with pytest.raises(ResidualError, match="1x1-conv"):
         low_rank(torch.zeros(4, 2, 1, 1), torch.zeros(2, 4, 3, 3))  # a 3x3 conv (LoCon)
     assert low_rank(torch.zeros(4, 2), torch.zeros(2, 4), conv=True).conv, "2-D factors of a 1x1 conv"

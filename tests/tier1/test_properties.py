@@ -10,6 +10,8 @@ from helpers import END, START, WordTokenizer, tiny_unet
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from personalized_residuals.residual_core import (
+    CallLayout,
+    Concept,
     LagSession,
     ResidualError,
     ResidualMeta,
@@ -153,7 +155,7 @@ def test_a_reshaped_layer_loads_only_if_it_still_fits_the_model(tmp_path, use_li
     unet = tiny_unet(use_linear)
     targets = find_targets(unet)
     sd = fileformat.to_state_dict(ResidualSet.for_targets(targets, 0.25, "random"))
-    sd[f"{targets[layer].key}.{part}.weight"] = torch.randn(shape)
+    sd[f"{fileformat.kohya_key(targets[layer].name)}.{part}.weight"] = torch.randn(shape)
     try:
         residual = fileformat.from_state_dict(sd)
     except ResidualError:
@@ -163,7 +165,7 @@ def test_a_reshaped_layer_loads_only_if_it_still_fits_the_model(tmp_path, use_li
     except ResidualError:
         return
     x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([5]), torch.randn(1, 5, 16)
-    with torch.no_grad(), attach(unet, residual):
+    with torch.no_grad(), attach(unet, [Concept(residual)]):
         assert torch.isfinite(unet(x, t, ctx)).all()
 
 
@@ -307,13 +309,13 @@ def test_check_rule_accepts_exactly_the_documented_settings(rule, value):
 def test_lag_session_masks_have_the_calls_shape_and_uncond_rows_copy_their_sample(chunks, rows, tokens, rule_value,
                                                                                    seed):
     session = LagSession([1, 2], 6, *rule_value)
-    session.begin_call(chunks)
+    session.begin_call(CallLayout(chunks))
     g = torch.Generator().manual_seed(seed)
     batch = rows * len(chunks)
     q, k = torch.randn(batch, tokens, 8, generator=g), torch.randn(batch, 6, 8, generator=g)
     session.record_q(("input", 1), q)
     session.record_k(("input", 1), k, heads=2)
-    mask = session.mask(("input", 1), batch, tokens, q.device)
+    mask = session.mask(("input", 1), batch, (1, tokens), q.device)
     assert mask.shape == (batch, tokens) and (mask >= 0).all() and (mask <= 1).all()
     if 0 not in chunks:
         assert (mask == 0).all(), "no conditional rows seen yet: the base model"

@@ -3,9 +3,11 @@ import torch
 from helpers import tiny_unet
 from personalized_residuals.bench.sd_unet import sd15_shaped
 from personalized_residuals.residual_core import (
+    Concept,
     ResidualError,
     ResidualSet,
     attach,
+    fileformat,
     find_targets,
     model_family,
     rank_for,
@@ -30,11 +32,13 @@ def test_targets_in_forward_order_with_comfy_block_ids_and_kohya_names(use_linea
         *[f"output_blocks.{i}.1.proj_out" for i in range(6)],
     ]
     assert targets[0].block == ("input", 1) and targets[4].block == ("middle", 0) and targets[5].block == ("output", 0)
-    assert targets[0].key == "lora_unet_down_blocks_0_attentions_0_proj_out"
-    assert targets[3].key == "lora_unet_down_blocks_1_attentions_1_proj_out"
-    assert targets[4].key == "lora_unet_mid_block_attentions_0_proj_out"
-    assert targets[5].key == "lora_unet_up_blocks_0_attentions_0_proj_out"
-    assert targets[10].key == "lora_unet_up_blocks_1_attentions_2_proj_out"
+    kohya = [fileformat.kohya_key(t.name) for t in targets]  # the file format's names for them
+    assert kohya[0] == "lora_unet_down_blocks_0_attentions_0_proj_out"
+    assert kohya[3] == "lora_unet_down_blocks_1_attentions_1_proj_out"
+    assert kohya[4] == "lora_unet_mid_block_attentions_0_proj_out"
+    assert kohya[5] == "lora_unet_up_blocks_0_attentions_0_proj_out"
+    assert kohya[10] == "lora_unet_up_blocks_1_attentions_2_proj_out"
+    assert [fileformat.module_path(k) for k in kohya] == [t.name for t in targets]
     assert all(t.conv is (not use_linear) for t in targets)
 
 
@@ -49,10 +53,10 @@ def test_untrained_residual_changes_nothing_and_random_init_does(use_linear):
     x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.randn(2, 5, 16)
     base = unet(x, t, ctx)
     zero = ResidualSet.for_targets(find_targets(unet), 0.25)
-    with attach(unet, zero):
+    with attach(unet, [Concept(zero)]):
         assert torch.equal(unet(x, t, ctx), base)
     rand = ResidualSet.for_targets(find_targets(unet), 0.25, init="random", seed=1)
-    with attach(unet, rand):
+    with attach(unet, [Concept(rand)]):
         assert not torch.allclose(unet(x, t, ctx), base, atol=1e-4)
     assert torch.equal(unet(x, t, ctx), base), "hooks must be gone after the scope"
 
@@ -63,12 +67,12 @@ def test_hook_residual_equals_the_merged_weight(use_linear):
     targets = find_targets(unet)
     residual = ResidualSet.for_targets(targets, 0.5, init="random", seed=3)
     x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 5, 16)
-    with attach(unet, residual):
+    with attach(unet, [Concept(residual)]):
         hooked = unet(x, t, ctx)
     with torch.no_grad():
         for target in targets:
             weight = unet.get_submodule(target.name).weight
-            weight += residual.layers[target.key].weight_delta().view_as(weight)
+            weight += residual.layers[target.name].weight_delta().view_as(weight)
     assert torch.allclose(hooked, unet(x, t, ctx), atol=1e-5)
 
 
@@ -103,7 +107,7 @@ def test_sd15_residual_on_sd2_and_sdxl_shapes_is_refused_naming_both_families():
                                             "the model's is 320x320 \\(linear\\). Use a residual trained with "
                                             "this model's family \\(SD2.x\\)"):
         sd15.check_fits(sd2)
-    sdxl = [Target(f"t{i}", f"lora_unet_x{i}_proj_out", ("input", i), False, d, d, 2) for i, d in
+    sdxl = [Target(f"t{i}", ("input", i), False, d, d, 2) for i, d in
             enumerate([640] * 5 + [1280] * 6)]
     assert model_family(sdxl) == "sdxl"
     with pytest.raises(ResidualError, match="made for SD1.x \\(16 transformer blocks\\) but the model is SDXL \\(11"):

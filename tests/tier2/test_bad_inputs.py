@@ -37,7 +37,7 @@ def _train(model, clip, vae, images=PHOTOS, **overrides):
 
 NAN = float("nan")
 TRAIN_CASES = [
-    ({"images": []}, "images: no photos"),
+    ({"images": []}, "images: no photos. Connect an IMAGE with photos"),  # the fix in the UI's words
     ({"images": [torch.zeros(0, 64, 64, 3)]}, "images: no photos"),
     ({"images": [torch.rand(1, 64, 64, 5)]}, "photo 1 of 1 has 5 channels"),
     ({"images": [*PHOTOS, torch.rand(1, 32, 48, 3)]}, "photo 4 of 4 is 48x32 px.*Use a larger photo"),

@@ -83,7 +83,7 @@ def test_stock_lora_loader_applies_a_saved_residual_to_all_16_sd15_proj_out_keys
     assert len(keys) == 16 and len(m.patches) == 16
     key = "diffusion_model.input_blocks.1.1.proj_out.weight"
     merged = comfy.lora.calculate_weight(m.patches[key], sd15.model.state_dict()[key].clone(), key)
-    layer = residual.layers["lora_unet_down_blocks_0_attentions_0_proj_out"]
+    layer = residual.layers["input_blocks.1.1.proj_out"]
     expected = sd15.model.state_dict()[key] + layer.weight_delta().view_as(merged)
     assert torch.allclose(merged, expected, atol=1e-6)
 
@@ -108,3 +108,15 @@ def test_users_get_errors_that_name_the_input_and_the_fix(sd15, clip, vae, sdxl,
         run(SaveResidual, residual, "../../escape")
     with pytest.raises(ResidualError, match="No residual file"):
         run(LoadResidual, "missing.safetensors")
+
+
+def test_every_advice_the_core_names_is_worded_for_the_ui():
+    """The core names a UI fix by key (ResidualError.advice); nodes/advice.py words each one."""
+    import re
+    from pathlib import Path
+
+    from personalized_residuals.nodes.advice import ADVICE
+
+    core = Path(__file__).resolve().parents[2] / "residual_core"
+    used = {k for f in core.glob("*.py") for k in re.findall(r'advice="(\w+)"', f.read_text())}
+    assert used and used <= set(ADVICE), used - set(ADVICE)
