@@ -132,7 +132,7 @@ def measure(args) -> dict:
                 model=[model], clip=[clip], vae=[vae], images=[images], class_word=["dog"], identifier=["sks"],
                 steps=[steps], learning_rate=[1e-3], batch_size=[args.batch], rank_fraction=[0.05], seed=[0],
                 resolution=[args.size], flip=[False], init=["zero"],
-                gradient_checkpointing=[name == "ours_checkpointing"])
+                gradient_checkpointing=[name == "ours_checkpointing"], sample_steps=[0])
     elif name.startswith("builtin"):
         import comfy_extras.nodes_train as nodes_train
 

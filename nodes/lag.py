@@ -91,7 +91,7 @@ class LagPatch:
         self.holds: dict[int, bool] = {}  # id(entry) -> it holds the LAG prompt (entries live for the run)
         self.frames: dict[object, tuple | None] = {}
         self.latent: tuple[int, int] | None = None
-        self.checked = False
+        self.checked = self.reordered = False
 
     def _holds(self, e) -> bool:
         key = id(e.entry)
@@ -126,8 +126,12 @@ class LagPatch:
             first = {id(e.entry) for e in lag}
             passes = [[None if c is None else [e for e in c if (id(e) in first) == part] for c in conds]
                       for part in (True, False)]
-            return merge_cond_passes([(p, executor(model, p, x_in, timestep, model_options)) for p in passes],
-                                     x_in, timestep)
+            self.reordered = True  # no second refusal: whatever still lacks a mask gets none
+            try:
+                return merge_cond_passes([(p, executor(model, p, x_in, timestep, model_options)) for p in passes],
+                                         x_in, timestep)
+            finally:
+                self.reordered = False
 
     def _names(self) -> str:
         return " and ".join(f"'{c.name}'" for c, s in zip(self.concepts, self.sessions, strict=True) if s is not None)
@@ -145,7 +149,7 @@ class LagPatch:
         layout = CallLayout(options.get("cond_or_uncond"), unet_call_arg(args, kwargs, "context"),
                             [self.frames.get(u) for u in uuids] if uuids else None, self.latent)
         with attach(executor.class_obj, active, call=layout, family=self.family, targets=self.targets):
-            if any(c.lag is not None and c.lag.waiting for c in active):
+            if not self.reordered and any(c.lag is not None and c.lag.waiting for c in active):
                 raise _LagFirst
             return executor(*args, **kwargs)
 

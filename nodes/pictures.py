@@ -19,6 +19,12 @@ def loss_curve(losses: list[float], title: str, warnings: Sequence[str] = (), si
                ) -> torch.Tensor:
     """The per-step loss (grey) and its moving average (blue), as a ComfyUI IMAGE [1, H, W, 3]. Warnings
     about the inputs are printed in red above the plot, where the user looks after training."""
+    return _to_image(loss_curve_picture(losses, title, warnings, size))
+
+
+def loss_curve_picture(losses: list[float], title: str, warnings: Sequence[str] = (),
+                       size: tuple[int, int] = (640, 360)) -> Image.Image:
+    """loss_curve as a PIL image (what a progress-bar preview sends)."""
     lines = [line for text in warnings for line in textwrap.wrap(f"! {text}", 100, subsequent_indent="  ")]
     w, h = size[0], size[1] + 12 * len(lines)
     left, right, top, bottom = 64, 16, 30 + 12 * len(lines), 36
@@ -47,6 +53,32 @@ def loss_curve(losses: list[float], title: str, warnings: Sequence[str] = (), si
     draw.text((left, h - bottom + 8), "0", fill="black", font=font)
     draw.text((w - right - 60, h - bottom + 8), f"step {len(values)}", fill="black", font=font)
     draw.text((w // 2 - 60, h - bottom + 8), f"last {float(smooth[-1]):.4f}", fill="#1f6fd0", font=font)
+    return img
+
+
+def sample_grid(rows: list[list[torch.Tensor]], row_labels: Sequence[str], column_labels: Sequence[str]
+                ) -> torch.Tensor:
+    """Images [H, W, 3] in rows (a row per prompt, one image per column), each row under its prompt and the columns
+    under their labels, as a ComfyUI IMAGE [1, H, W, 3]."""
+    h, w = rows[0][0].shape[:2]
+    cell_w = max(w, 96)
+    head, line = 16, 12
+    wrapped = [textwrap.wrap(text, max(20, cell_w * len(column_labels) // 6))[:3] or [""] for text in row_labels]
+    height = head + sum(len(lines) * line + 4 + h for lines in wrapped)
+    img = Image.new("RGB", (cell_w * len(column_labels), height), "white")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    for j, label in enumerate(column_labels):
+        draw.text((j * cell_w + 4, 2), label, fill="black", font=font)
+    y = head
+    for lines, row in zip(wrapped, rows, strict=True):
+        for k, text in enumerate(lines):
+            draw.text((4, y + k * line), text, fill="#1f6fd0", font=font)
+        y += len(lines) * line + 4
+        for j, cell in enumerate(row):
+            pixels = (cell.numpy() * 255).round().astype(np.uint8)
+            img.paste(Image.fromarray(pixels), (j * cell_w, y))
+        y += h
     return _to_image(img)
 
 

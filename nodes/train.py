@@ -30,11 +30,16 @@ from ..residual_core import (
     square_batch,
     train_residual,
 )
+from . import samples
 from .advice import in_ui_words
 from .comfy_model import base_hash, prediction_of, targets_of, tokenizer_of
-from .pictures import loss_curve
+from .pictures import loss_curve, loss_curve_picture
 from .precision import autocast_dtype, compute_dtype, loss_scaler, training_attention
 from .residual_type import CATEGORY, Residual
+from .samples import CFG, MAX_SAMPLE_COLUMNS, SAMPLE_SIZE
+
+ON_CANCEL = ("discard", "keep")
+PREVIEW_EVERY = 10  # steps between the loss-curve previews sent to the node while training runs
 
 
 def training_resolution(resolution: int, family: str, prediction: str) -> int:
@@ -143,23 +148,49 @@ class TrainPersonalizedResidual(io.ComfyNode):
                 io.Boolean.Input("gradient_checkpointing", default=False, tooltip="Recompute activations in the "
                                  "backward pass instead of storing them: less memory, about a third slower. Turn on "
                                  "if training runs out of memory (large resolutions, SDXL, small GPUs)."),
+                io.Combo.Input("on_cancel", options=list(ON_CANCEL), default="discard", tooltip="What Cancel "
+                               "does mid-training. discard: stop, output nothing (nodes after this one don't run). "
+                               "keep: stop and output the residual trained so far, so Save Residual after it still "
+                               "runs; the loss curve's title and the log say at which step it stopped, and the "
+                               "file's metadata records the steps done."),
+                Residual.Input("resume_from", optional=True, tooltip="Optional: a residual to train further (e.g. "
+                               "from Load Residual) instead of starting from a new one. It must be for this model's "
+                               "family, with the same rank_fraction, class_word and identifier. The file's metadata "
+                               "then records the total steps and each run's steps and learning rate (lr_history). "
+                               "The optimiser's state (AdamW's moments) is not saved in residual files, so it starts "
+                               "afresh; the seed draws the same timesteps and noise as a first run with that seed."),
+                io.String.Input("sample_prompts", multiline=True, default="", optional=True, tooltip="Prompts to "
+                                "render after training, one per line, each by the base model and with the residual "
+                                "(LAG Sampler's way, at the same seed), into the samples grid. Empty: the training "
+                                "prompt. A prompt without the identifier and class word gets a warning and is "
+                                "rendered with the residual applied everywhere."),
+                io.Int.Input("sample_every", default=0, min=0, max=10000, optional=True, tooltip="Also render the "
+                             "residual as it was every this many steps (a column each). 0: only at the end."),
+                io.Int.Input("sample_steps", default=20, min=0, max=100, optional=True, tooltip="Sampling steps per "
+                             f"sample image (euler, cfg {CFG:g}, {SAMPLE_SIZE} px or the training resolution if "
+                             "smaller, seed = the training seed). 0: no samples."),
             ],
             outputs=[
                 Residual.Output("residual", display_name="residual",
                                 tooltip="The trained residual: connect to LAG Sampler or Save Residual."),
                 io.Image.Output("loss_curve", display_name="loss_curve",
                                 tooltip="Training loss per step (and its moving average) as a picture."),
+                io.Image.Output("samples", display_name="samples", tooltip="The sample prompts (rows) by the base "
+                                "model and by the residual at each sampled step (columns), as one labelled picture."),
             ],
         )
 
     @classmethod
     @in_ui_words
     def execute(cls, model, clip, vae, images, class_word, identifier, steps, learning_rate, batch_size,
-                rank_fraction, seed, resolution, flip, init, gradient_checkpointing=(False,)) -> io.NodeOutput:
+                rank_fraction, seed, resolution, flip, init, gradient_checkpointing=(False,), on_cancel=("discard",),
+                resume_from=(None,), sample_prompts=("",), sample_every=(0,), sample_steps=(20,)) -> io.NodeOutput:
         (model, clip, vae, class_word, identifier, steps, learning_rate, batch_size, rank_fraction, seed,
-         resolution, flip, init, gradient_checkpointing) = (
+         resolution, flip, init, gradient_checkpointing, on_cancel, resume_from, sample_prompts, sample_every,
+         sample_steps) = (
             v[0] for v in (model, clip, vae, class_word, identifier, steps, learning_rate, batch_size, rank_fraction,
-                           seed, resolution, flip, init, gradient_checkpointing))
+                           seed, resolution, flip, init, gradient_checkpointing, on_cancel, resume_from,
+                           sample_prompts, sample_every, sample_steps))
         # Every input is checked before the VAE, the text encoder or the UNet runs.
         for name, value in (("model", model), ("clip", clip), ("vae", vae)):
             if value is None:
@@ -171,6 +202,14 @@ class TrainPersonalizedResidual(io.ComfyNode):
         config = TrainConfig(steps=steps, batch_size=batch_size, lr=learning_rate, seed=seed, flip=flip,
                              gradient_checkpointing=gradient_checkpointing)
         config.check()
+        if on_cancel not in ON_CANCEL:
+            raise ResidualError(f"on_cancel must be one of {ON_CANCEL}, got {on_cancel!r}.")
+        check_range("sample_every", sample_every, 0, 10000, "0: samples only at the end.")
+        check_range("sample_steps", sample_steps, 0, 100, "0: no samples.")
+        if sample_steps and sample_every and steps // sample_every > MAX_SAMPLE_COLUMNS:
+            raise ResidualError(f"sample_every {sample_every} gives {steps // sample_every} sample columns for "
+                                f"{steps} steps; at most {MAX_SAMPLE_COLUMNS}: set sample_every to at least "
+                                f"{-(-steps // MAX_SAMPLE_COLUMNS)} (or 0 for samples only at the end).")
         if resolution != 0:
             check_range("resolution", resolution, MIN_SIDE, MAX_SIDE, "Use 0 for the model's native one.")
             if resolution % 8:
@@ -181,13 +220,23 @@ class TrainPersonalizedResidual(io.ComfyNode):
         prompt = f"a photo of a {identifier} {class_word}"
         locate_concept(tokenizer_of(clip), prompt, identifier, class_word)  # both words tokenize and are found
         pixels = square_batch(images, resolution)
-        warnings = photo_warnings(images, resolution) + identifier_warnings(identifier, class_word)
+        prompts = samples.sample_prompts(sample_prompts or "", identifier, class_word) if sample_steps else []
+        warnings = (photo_warnings(images, resolution) + identifier_warnings(identifier, class_word)
+                    + samples.prompt_warnings(prompts, clip, identifier, class_word))
         for line in warnings:
             logging.warning("Train Personalized Residual: %s", line)
-        meta = ResidualMeta(class_word=class_word, identifier=identifier, steps=steps, lr=learning_rate,
-                            seed=seed, batch_size=batch_size, weight_decay=config.weight_decay)
         with torch.inference_mode(False):  # a trainable residual can't be made of inference tensors
-            residual = ResidualSet.for_targets(targets, rank_fraction, init, seed, meta)
+            if resume_from is None:
+                meta = ResidualMeta(class_word=class_word, identifier=identifier, seed=seed, batch_size=batch_size,
+                                    weight_decay=config.weight_decay)
+                residual = ResidualSet.for_targets(targets, rank_fraction, init, seed, meta)
+            else:
+                residual = resume_from.continued(targets, rank_fraction, "resume_from")
+                meta = residual.meta
+                if (meta.class_word, meta.identifier) != (class_word, identifier):
+                    raise ResidualError(f"resume_from was trained as '{meta.identifier} {meta.class_word}', not "
+                                        f"'{identifier} {class_word}': set class_word and identifier to its own.")
+                meta.seed, meta.batch_size, meta.weight_decay = seed, batch_size, config.weight_decay
 
         # Fixed for the whole run, so encoded once: the photos (and their mirror images) and the prompt.
         latents = vae.encode(pixels)
@@ -199,23 +248,68 @@ class TrainPersonalizedResidual(io.ComfyNode):
                                 "use a fixed VAE.")
 
         pbar = comfy.utils.ProgressBar(steps)
+        title = f"{identifier} {class_word}"
+        so_far = {}
+        snapshots = samples.Snapshots(sample_every if prompts else 0, steps)
 
         def on_step(step, losses):
+            so_far["losses"] = losses
+            snapshots.after_step(step, residual)
             pbar.update(1)
+            if (step + 1) % PREVIEW_EVERY == 0 and step + 1 < steps:  # the loss curve so far, on the node
+                pbar.update_absolute(step + 1, steps, ("PNG", loss_curve_picture(losses.tolist(), title), 640))
             comfy.model_management.throw_exception_if_processing_interrupted()
 
         started = time.perf_counter()
-        with torch.inference_mode(False):
-            meta.base_hash = base_hash(model, targets)
-            run = _TrainingRun(residual, config, targets, flipped, on_step)
-            guider = _PositiveOnlyGuider(model)
-            guider.set_conds(positive)
-            guider.sample(torch.zeros_like(latents), latents, run, torch.ones(1), disable_pbar=True, seed=seed)
+        stopped = None  # the steps done when Cancel stopped a run with on_cancel "keep"
+        try:
+            with torch.inference_mode(False):
+                meta.base_hash = base_hash(model, targets)
+                run = _TrainingRun(residual, config, targets, flipped, on_step)
+                guider = _PositiveOnlyGuider(model)
+                guider.set_conds(positive)
+                guider.sample(torch.zeros_like(latents), latents, run, torch.ones(1), disable_pbar=True, seed=seed)
+            losses = run.losses
+        except comfy.model_management.InterruptProcessingException:
+            losses = so_far.get("losses")
+            if on_cancel != "keep" or losses is None:
+                raise
+            losses = losses.cpu()
+            if not (torch.isfinite(losses).all() and all(bool(torch.isfinite(p).all()) for p in residual.parameters())):
+                logging.warning("Train Personalized Residual: cancelled, and the residual trained so far is not "
+                                "finite (the loss diverged): nothing is kept.")
+                raise
+            stopped = len(losses)
+            # ComfyUI's flag was cleared when the exception was raised; cleared again in case Cancel was pressed
+            # twice, so that the nodes after this one (Save Residual) run.
+            comfy.model_management.interrupt_current_processing(False)
         residual.cpu()
-        losses = run.losses
+        meta.add_run(len(losses), learning_rate)
+        if stopped is not None:
+            title += f" (cancelled: stopped at step {stopped} of {steps}, kept)"
+            logging.warning("Train Personalized Residual: cancelled at step %d of %d; on_cancel is 'keep', so the "
+                            "residual trained so far is the output (its metadata records %d steps).", stopped, steps,
+                            meta.steps)
+        trained = time.perf_counter() - started
+        grid, sampled = torch.ones(1, 64, 64, 3), ""  # no samples: a blank picture
+        if prompts:
+            started = time.perf_counter()
+            try:
+                grid = samples.render(model, clip, vae, residual, targets, prompts, snapshots.kept, len(losses),
+                                      min(SAMPLE_SIZE, resolution), sample_steps, seed)
+                sampled = (f"; samples in {time.perf_counter() - started:.1f} s ({len(prompts)} prompt(s) x "
+                           f"{len(snapshots.kept) + 2} columns, {sample_steps} steps)")
+            except comfy.model_management.InterruptProcessingException:
+                if on_cancel != "keep":
+                    raise
+                comfy.model_management.interrupt_current_processing(False)
+                sampled = "; samples cancelled"
+                logging.warning("Train Personalized Residual: cancelled while rendering the samples; on_cancel is "
+                                "'keep', so the trained residual is the output, without samples.")
         logging.info(
-            "Personalized residual '%s %s': %d steps on %d photos in %.1f s, %d parameters, loss %.4f -> %.4f",
-            identifier, class_word, steps, len(pixels), time.perf_counter() - started, residual.num_parameters(),
+            "Personalized residual '%s %s': %d steps on %d photos in %.1f s%s, %d parameters, loss %.4f -> %.4f%s",
+            identifier, class_word, len(losses), len(pixels), trained, sampled, residual.num_parameters(),
             float(losses[0]), float(losses[-min(10, len(losses)):].mean()),
+            f" (trained further: {meta.steps} steps in all, {meta.lr_history})" if resume_from is not None else "",
         )
-        return io.NodeOutput(residual, loss_curve(losses.tolist(), f"{identifier} {class_word}", warnings))
+        return io.NodeOutput(residual, loss_curve(losses.tolist(), title, warnings), grid)

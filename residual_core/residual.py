@@ -91,6 +91,31 @@ class ResidualMeta:
     batch_size: int = 0
     init: str = "zero"
     weight_decay: float = 0.01  # AdamW's; files from before it was recorded were all trained with 0.01
+    # Each training run's steps and learning rate, oldest first: "150@0.001,100@0.0005" (a residual trained
+    # further from a saved one). Empty in files from before it was recorded: one run of `steps` at `lr`.
+    lr_history: str = ""
+
+    def runs(self) -> list[tuple[int, float]]:
+        """lr_history as (steps, lr) per run; one run of steps at lr when it is empty (older files)."""
+        if not self.lr_history:
+            return [(self.steps, self.lr)] if self.steps else []
+        out = []
+        for item in self.lr_history.split(","):
+            steps, sep, lr = item.partition("@")
+            try:
+                if not sep:
+                    raise ValueError
+                out.append((int(steps), float(lr)))
+            except ValueError:
+                raise ResidualError(f"lr_history must read like '150@0.001,100@0.0005', got {self.lr_history!r}."
+                                    ) from None
+        return out
+
+    def add_run(self, steps: int, lr: float) -> None:
+        """Record a training run of `steps` at `lr` after those already recorded: steps becomes the total."""
+        runs = [*self.runs(), (steps, lr)]
+        self.lr_history = ",".join(f"{n}@{rate:g}" for n, rate in runs)
+        self.steps, self.lr = sum(n for n, _ in runs), lr
 
     def as_strings(self) -> dict[str, str]:
         return {k: str(v) for k, v in asdict(self).items()}
@@ -113,6 +138,13 @@ class ResidualMeta:
                 check_range(name, getattr(out, name), 0, 2**64)
             if out.init not in INITS:
                 raise ResidualError(f"init must be one of {INITS}, got {out.init!r}.")
+            runs = out.runs()
+            for steps, lr in runs:
+                check_range("lr_history's steps", steps, 1, 2**64)
+                check_range("lr_history's learning rate", lr, 0, 1, low_open=True)
+            if out.lr_history and sum(n for n, _ in runs) != out.steps:
+                raise ResidualError(f"lr_history {out.lr_history!r} adds up to {sum(n for n, _ in runs)} steps, "
+                                    f"not the {out.steps} of steps.")
         except ResidualError as e:
             raise ResidualError(f"The file's metadata is wrong: {e} The file was edited or damaged.") from None
         return out
@@ -169,6 +201,34 @@ class ResidualSet(nn.Module):
         meta = meta or ResidualMeta()
         meta.rank_fraction, meta.init, meta.base_family = rank_fraction, init, model_family(targets)
         return cls(layers, meta)
+
+    def continued(self, targets: list[Target], rank_fraction: float, name: str = "resume_from") -> ResidualSet:
+        """A trainable copy of this residual (factors and metadata; this one is left as it is), to train further on
+        the model whose targets are `targets` at `rank_fraction`. A ResidualError naming the input `name` when it
+        is a LoRA, was made for another model or at another rank."""
+        if self.kind != "residual":
+            raise ResidualError(f"{name} is a LoRA, not a personalized residual: training continues only from a "
+                                "residual this pack trained.")
+        try:
+            self.check_fits(targets)
+        except ResidualError as e:
+            raise ResidualError(f"{name}: {e}") from None
+        by_path = {t.name: t for t in targets}
+        for path, layer in self.layers.items():
+            want = rank_for(by_path[path].out_dim, rank_fraction)
+            if layer.rank != want:
+                raise ResidualError(
+                    f"{name} has rank {layer.rank} on {path} (rank_fraction {self.meta.rank_fraction:g}) but "
+                    f"rank_fraction {rank_fraction:g} gives rank {want}: set rank_fraction to "
+                    f"{self.meta.rank_fraction:g} to continue training it.")
+        layers = {}
+        with torch.no_grad():
+            for path, layer in self.layers.items():
+                copy = LowRankResidual(layer.up.shape[0], layer.down.shape[1], layer.rank, layer.conv, layer.alpha)
+                copy.down.copy_(layer.down.detach().float())
+                copy.up.copy_(layer.up.detach().float())
+                layers[path] = copy
+        return ResidualSet(layers, ResidualMeta(**asdict(self.meta)), self.kind, self.unmaskable)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

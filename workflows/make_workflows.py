@@ -20,7 +20,7 @@ from pathlib import Path
 OUTPUTS = {
     "CheckpointLoaderSimple": [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
     "LoadImageSetFromFolderNode": [("IMAGE", "IMAGE")],
-    "PersonalizedResidualTrain": [("residual", "PERSONALIZED_RESIDUAL"), ("loss_curve", "IMAGE")],
+    "PersonalizedResidualTrain": [("residual", "PERSONALIZED_RESIDUAL"), ("loss_curve", "IMAGE"), ("samples", "IMAGE")],
     "PersonalizedResidualSave": [("lora_name", "STRING")],
     "PersonalizedResidualLoad": [("residual", "PERSONALIZED_RESIDUAL"), ("class_word", "STRING"),
                                  ("identifier", "STRING")],
@@ -37,7 +37,7 @@ OUTPUTS = {
 }
 # Each node type's size in the UI (the frontend enlarges a node that is too small for its widgets).
 SIZES = {
-    "CheckpointLoaderSimple": (320, 100), "LoadImageSetFromFolderNode": (320, 90), "PersonalizedResidualTrain": (320, 380),
+    "CheckpointLoaderSimple": (320, 100), "LoadImageSetFromFolderNode": (320, 90), "PersonalizedResidualTrain": (320, 560),
     "PersonalizedResidualSave": (360, 80), "PersonalizedResidualLoad": (320, 110), "PersonalizedResidualLAGSampler": (400, 300),
     "PersonalizedResidualLAGLoRA": (400, 440), "PersonalizedResidualLAGMaskPreview": (300, 320),
     "LoraLoaderModelOnly": (320, 90), "CLIPTextEncode": (400, 150),
@@ -101,7 +101,8 @@ def training(first_id, ckpt, folder="concept", identifier="sks", class_word="dog
              {"model": (ckpt, 0), "clip": (ckpt, 1), "vae": (ckpt, 2), "images": (i, 0)},
              {"class_word": class_word, "identifier": identifier, "steps": 150, "learning_rate": 0.001,
               "batch_size": 4, "rank_fraction": 0.05, "seed": 0, "resolution": 512, "flip": False, "init": "zero",
-              "gradient_checkpointing": False}),
+              "gradient_checkpointing": False, "on_cancel": "discard",
+              "sample_prompts": "", "sample_every": 0, "sample_steps": 20}),
         Node(i + 2, "PreviewImage", (760, y + 180), {"images": (i + 1, 1)}, title="loss curve"),
         Node(i + 3, "PersonalizedResidualSave", (760, y), {"residual": (i + 1, 0)}, {"filename_prefix": ""}),
     ]

@@ -228,6 +228,22 @@ def test_weight_decay_is_explicit_reaches_adamw_and_is_recorded_in_files(monkeyp
         ResidualMeta.from_strings({"weight_decay": "5"})
 
 
+def test_the_learning_rate_history_records_each_run_and_is_checked_when_read():
+    meta = ResidualMeta()
+    meta.add_run(150, 1e-3)
+    meta.add_run(100, 5e-4)
+    assert (meta.steps, meta.lr, meta.lr_history) == (250, 5e-4, "150@0.001,100@0.0005")
+    assert ResidualMeta.from_strings(meta.as_strings()) == meta
+    old = ResidualMeta.from_strings({"steps": "150", "lr": "0.001"})  # a file from before lr_history
+    assert old.lr_history == "" and old.runs() == [(150, 1e-3)]
+    old.add_run(50, 1e-4)
+    assert (old.steps, old.lr_history) == (200, "150@0.001,50@0.0001")
+    for bad, why in [("150@0.001,100", "must read like"), ("150@2", "learning rate"), ("0@0.001", "steps"),
+                     ("100@0.001", "adds up to 100 steps, not the 150")]:
+        with pytest.raises(ResidualError, match=f"metadata is wrong: .*{why}"):
+            ResidualMeta.from_strings({"steps": "150", "lr": "0.001", "lr_history": bad})
+
+
 def test_native_resolution_by_family_and_prediction():
     assert [native_resolution(f, p) for f, p in [("sd1", "eps"), ("sd2", "eps"), ("sd2", "v"), ("sdxl", "eps")]] == \
         [512, 512, 768, 1024]

@@ -88,10 +88,10 @@ def test_nan_from_the_vae_is_caught_before_training(sd15, clip, vae, monkeypatch
 
 def test_weak_inputs_train_with_a_warning_in_the_log_and_on_the_loss_curve(sd15, clip, vae, caplog):
     with caplog.at_level(logging.WARNING):
-        _, plain = _train(sd15, clip, vae)
+        _, plain, _ = _train(sd15, clip, vae)
     assert not caplog.records and plain.shape == (1, 360, 640, 3)
     with caplog.at_level(logging.WARNING):
-        _, warned = _train(sd15, clip, vae, images=[PHOTOS[0][:1]], identifier="photo")
+        _, warned, _ = _train(sd15, clip, vae, images=[PHOTOS[0][:1]], identifier="photo")
     messages = [r.getMessage() for r in caplog.records]
     assert any("Only 1 photo" in m for m in messages)
     assert any("'photo' is a common word" in m and "Pick a rare token" in m for m in messages)

@@ -49,7 +49,7 @@ def test_stable_ids_and_a_tooltip_on_every_input_and_output():
 
 
 def test_train_save_load_and_sample_like_a_user(sd15, clip, vae, loras_dir):
-    residual, curve = train(sd15, clip, vae, PHOTOS)
+    residual, curve, _ = train(sd15, clip, vae, PHOTOS)
     assert curve.shape == (1, 360, 640, 3) and residual.meta.class_word == "dog"
     assert residual.meta.base_family.startswith("custom-16x")  # SD1.5's 16 blocks at test widths
     name = run(SaveResidual, residual, "")[0]
@@ -76,7 +76,7 @@ def test_train_save_load_and_sample_like_a_user(sd15, clip, vae, loras_dir):
 
 
 def test_stock_lora_loader_applies_a_saved_residual_to_all_16_sd15_proj_out_keys(sd15, clip, vae, loras_dir):
-    residual, _ = train(sd15, clip, vae, PHOTOS, init="random")
+    residual, _, _ = train(sd15, clip, vae, PHOTOS, init="random")
     name = run(SaveResidual, residual, "stock")[0]
     m = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(sd15, name, 1.0)[0]
     keys = sorted(k for k in m.patches if k.endswith("proj_out.weight"))
@@ -93,7 +93,7 @@ def test_users_get_errors_that_name_the_input_and_the_fix(sd15, clip, vae, sdxl,
         train(sd15, clip, vae, [])
     with pytest.raises(ResidualError, match="class_word and identifier must not be empty"):
         train(sd15, clip, vae, PHOTOS, class_word=" ")
-    residual, _ = train(sd15, clip, vae, PHOTOS, steps=1)
+    residual, _, _ = train(sd15, clip, vae, PHOTOS, steps=1)
     with pytest.raises(ResidualError, match="class word 'dog' is not in the prompt"):
         run(LagSampler, sd15, residual, clip, "a photo of a sks cat", 1.0, "LAG", "max_fraction", 0.5, 0.0, 1.0)
     sdxl_residual = ResidualSet.for_targets(find_targets(sdxl.model.diffusion_model))
