@@ -152,7 +152,7 @@ class LagSession:
     UNet call with begin_call(); hooks on each block's attn2.to_q/to_k feed record_q/record_k; the hook on
     proj_out asks weights() (or mask()) and reports what it applied; hooks on other layers of the block (a
     LoRA's) ask current(), which leaves the maps for proj_out. Everything stays on the device but the
-    search for the concept's tokens (one read per UNet call).
+    search for the concept's tokens (one host read per chunk of a UNet call).
     """
 
     def __init__(self, positions: list[int], prompt_tokens: int, rule: str = "max_fraction", value: float = 0.5,
@@ -248,7 +248,7 @@ class LagSession:
             diff = (context[:, offsets + pos[j]] - emb[j]).abs().amax(-1)
             hits &= diff <= 1e-3 * emb[j].abs().amax() + 1e-6
         found = offsets[hits.all(0)]
-        if found.numel() == 0:  # one read per call: which chunk is which decides everything after
+        if found.numel() == 0:  # a host read: which chunk is which decides everything after
             return None
         return (found[:, None] + pos[None, :]).flatten()
 
