@@ -10,7 +10,7 @@ Every measurement runs in a fresh process (so peak memory is its own) and report
      layer, gradient checkpointing on, bf16) and with checkpointing off;
   b. one sampling step (CFG, same batch): the plain model, LAG, and the global residual;
   c. file sizes: our residual, a rank-8 LoRA on every layer, a full fine-tune.
-Writes bench/results/perf.md (the README shows it). Needs a ComfyUI checkout (bench/comfyui_env.py).
+Writes bench/results/perf.md (the README shows it). Needs a ComfyUI checkout (tests/comfyui_models.py).
 """
 
 from __future__ import annotations
@@ -48,14 +48,13 @@ def _peak_bytes(device) -> int:
 
 
 def _setup(args):
-    from .comfyui_env import bootstrap
+    from comfyui_models import bootstrap
 
     reason = bootstrap(("--cpu",) if args.device == "cpu" else ())
     if reason:
         sys.exit(reason)
     import torch
-
-    from .comfyui_env import build_clip, build_sd15, build_vae
+    from comfyui_models import build_clip, build_sd15, build_vae
 
     torch.manual_seed(0)
     model = build_sd15(320, 768)  # SD1.5's own widths: 859.5M UNet parameters
@@ -235,14 +234,12 @@ def file_sizes(args) -> dict[str, int]:
     import tempfile
 
     import torch
-
-    from .comfyui_env import bootstrap
+    from comfyui_models import bootstrap
 
     bootstrap(("--cpu",))
     import comfy.supported_models
+    from comfyui_models import unet_config
     from personalized_residuals.residual_core import ResidualSet, fileformat, find_targets
-
-    from .comfyui_env import unet_config
 
     with torch.device("meta"):
         unet = comfy.supported_models.SD15(unet_config(model_channels=320, context_dim=768)).get_model({}).diffusion_model

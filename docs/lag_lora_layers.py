@@ -8,7 +8,6 @@ transformer blocks per SpatialTransformer, classified by residual_core.layer_blo
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -16,12 +15,12 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 ROOT = Path(__file__).resolve().parent.parent
-spec = importlib.util.spec_from_file_location("personalized_residuals", ROOT / "__init__.py",
-                                              submodule_search_locations=[str(ROOT)])
-sys.modules["personalized_residuals"] = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(sys.modules["personalized_residuals"])
+sys.path.insert(0, str(ROOT / "tests"))
+from pack_alias import import_pack  # noqa: E402
 
-from personalized_residuals.bench.sd_unet import SDUNet  # noqa: E402
+import_pack()
+
+from personalized_residuals.bench.world.unet import SDUNet  # noqa: E402
 from personalized_residuals.residual_core import find_targets, layer_block  # noqa: E402
 
 COLORS = {"this": "#4caf50", "previous": "#f2c12e", "unmaskable": "#b0b0b0"}

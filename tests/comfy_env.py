@@ -1,9 +1,9 @@
-"""Tier 2's access to the real ComfyUI, imported in-process (see bench/comfyui_env.py), and helpers shared
+"""Tier 2's access to the real ComfyUI, imported in-process (see comfyui_models.py), and helpers shared
 by the tier-2 tests. Without ComfyUI every tier-2 test is skipped, and the run says so loudly."""
 
 from __future__ import annotations
 
-from personalized_residuals.bench.comfyui_env import (  # noqa: F401  (re-exported for the tests)
+from comfyui_models import (  # noqa: F401  (re-exported for the tests)
     COMFY,
     SDXL_POOLED,
     SDXLTextStandIn,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import torch
-from personalized_residuals.bench.sd_unet import SDUNet
+from personalized_residuals.bench.world.unet import SDUNet
 
 START, END, CHUNK = 1, 2, 77
 

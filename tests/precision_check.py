@@ -23,24 +23,12 @@ line. --no-loss-scaling trains as before loss scaling existed (for measuring wha
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-PACK = "personalized_residuals"
-
-
-def import_the_pack() -> None:
-    """The pack as ComfyUI (and tests/conftest.py) imports it: the repo folder as one package."""
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]  # the repo's nodes/ must not shadow ComfyUI's
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # comfy_env
-    if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-        sys.modules[PACK] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[PACK])
+from pack_alias import import_pack  # this script's folder, tests/, is on sys.path
 
 # Training settings shared by every run, so their residuals can be compared.
 SETTINGS = {"steps": 6, "learning_rate": 1e-3, "batch_size": 2, "resolution": 128, "rank_fraction": 0.25, "seed": 0}
@@ -72,7 +60,7 @@ def load_like_comfyui(state_dict: dict, device: str | None):
     import comfy.supported_models
     import comfy.utils
     import torch
-    from personalized_residuals.bench.comfyui_env import patcher, unet_config
+    from comfyui_models import patcher, unet_config
 
     config = comfy.supported_models.SD15(unet_config())
     weight_dtype, manual_cast = torch.float32, None
@@ -103,8 +91,8 @@ def main() -> None:
         ours, flags = ours[: ours.index("--")], ours[ours.index("--") + 1:]
     args = parser.parse_args(ours)
 
-    import_the_pack()
-    from personalized_residuals.bench.comfyui_env import bootstrap, build_clip, build_sd15, build_vae
+    import_pack()
+    from comfyui_models import bootstrap, build_clip, build_sd15, build_vae
 
     why = bootstrap(device_args=tuple(flags))
     if why:

@@ -24,7 +24,7 @@ def sd15_state_dict_shapes() -> dict:
     import comfy.supported_models
     import torch
     from comfy.ldm.models.autoencoder import AutoencoderKL
-    from personalized_residuals.bench.comfyui_env import unet_config
+    from comfyui_models import unet_config
 
     vae_config = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
                   "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..sd_unet import SDUNet
 from .text import TextEncoder, tokenize
+from .unet import SDUNet
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "world_base.safetensors"
 UNET_CONFIG = dict(in_channels=12, out_channels=12, model_channels=48, channel_mult=(1, 2), attention_levels=(0, 1),

@@ -19,7 +19,8 @@ def support_modules() -> list[str]:
 
 
 def test_the_support_modules_are_found():
-    assert {"helpers", "sd15_checkpoint", f"{PACK}.bench.sd_unet", f"{PACK}.bench.world.model"} <= set(support_modules())
+    found = set(support_modules())
+    assert {"helpers", "sd15_checkpoint", "comfyui_models", f"{PACK}.bench.world.unet", f"{PACK}.bench.world.model"} <= found
 
 
 @pytest.mark.parametrize("name", [m for m in support_modules() if m not in IMPORTS_COMFYUI])

@@ -1,7 +1,7 @@
 import pytest
 import torch
 from helpers import tiny_unet
-from personalized_residuals.bench.sd_unet import sd15_shaped
+from personalized_residuals.bench.world.unet import sd15_shaped
 from personalized_residuals.residual_core import (
     Concept,
     ResidualError,
@@ -95,7 +95,7 @@ def test_bad_rank_fraction_and_init_are_refused():
 
 
 def test_sd15_residual_on_sd2_and_sdxl_shapes_is_refused_naming_both_families():
-    from personalized_residuals.bench.sd_unet import SDUNet
+    from personalized_residuals.bench.world.unet import SDUNet
     from personalized_residuals.residual_core import Target
 
     sd15 = ResidualSet.for_targets(find_targets(sd15_shaped("meta")))

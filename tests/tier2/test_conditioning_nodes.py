@@ -221,7 +221,7 @@ def test_controlnet_apply_advanced(lagged, monkeypatch, sd15):
     import comfy.cldm.cldm
     import comfy.controlnet
     import comfy.ops
-    from personalized_residuals.bench.comfyui_env import randomize, unet_config
+    from comfyui_models import randomize, unet_config
 
     cfg = {k: v for k, v in unet_config(model_channels=32, context_dim=32).items()
            if k not in ("out_channels", "transformer_depth_output", "use_temporal_attention", "use_temporal_resblock")}

@@ -12,11 +12,10 @@ import importlib.util
 import math
 
 import pytest
-from conftest import PACK, ROOT
+from conftest import ROOT
 
 # (file, its module name, its package for relative imports): tests/*.py are on pytest's pythonpath.
 SUPPORT_FILES = [(p, p.stem, None) for p in sorted((ROOT / "tests").glob("*.py")) if p.stem != "conftest"]
-SUPPORT_FILES.append((ROOT / "bench" / "comfyui_env.py", f"{PACK}.bench.comfyui_env", f"{PACK}.bench"))
 
 SD15_SHAPES = {
     "model.diffusion_model.input_blocks.1.1.proj_out.weight": (320, 320, 1, 1),
