@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .text import TextEncoder, tokenize
+from .text import VOCAB, TextEncoder, tokenize
 from .unet import SDUNet
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "world_base.safetensors"
@@ -47,16 +47,18 @@ def to_image(latents: torch.Tensor) -> torch.Tensor:
 class WorldModel(nn.Module):
     prediction = "v"
 
-    def __init__(self):
+    def __init__(self, vocab: int = len(VOCAB)):
         super().__init__()
         self.unet = SDUNet(**UNET_CONFIG)
-        self.text = TextEncoder(dim=UNET_CONFIG["context_dim"])
+        self.text = TextEncoder(dim=UNET_CONFIG["context_dim"], vocab=vocab)
         self.register_buffer("alphas_cumprod", zero_snr_schedule(), persistent=False)
 
     @classmethod
     def load(cls, path: Path = WEIGHTS, device: str | torch.device = "cpu") -> WorldModel:
-        model = cls()
-        model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+        """The words a model knows are the rows of its embedding table (the first base model: no pattern words)."""
+        state = {k: v.float() for k, v in load_file(str(path)).items()}
+        model = cls(vocab=state["text.token_embedding.weight"].shape[0])
+        model.load_state_dict(state)
         return model.to(device).eval().requires_grad_(False)
 
     def save(self, path: Path | str = WEIGHTS) -> None:

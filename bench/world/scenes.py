@@ -20,6 +20,7 @@ COLORS = {
 COLOR_NAMES = list(COLORS)
 PALETTE = torch.tensor(list(COLORS.values()), dtype=torch.float32) / 255.0  # [8, 3]
 SHAPES = ("circle", "square", "triangle")
+MAX_WORDS = 14  # a caption's words, in the text encoder's one chunk of 16 tokens (text.py)
 
 
 def distinct_colors(colors: set[str], min_distance: float = 120.0) -> list[str]:
@@ -56,9 +57,15 @@ class Obj:
     say_color: bool = True  # the caption names the colour
     identifier: str | None = None  # written right before the shape word
     pattern: dict | None = None  # a concept's look (concepts.py); None = solid
+    say_pattern: bool = False  # the caption describes the pattern ("a red and yellow checkered square")
 
     def phrase(self) -> str:
-        words = ["a"] + ([self.color] if self.say_color and self.pattern is None else [])
+        if self.pattern is not None and self.say_pattern:
+            from .concepts import pattern_words
+
+            words = ["a", *pattern_words(self.pattern)]
+        else:
+            words = ["a"] + ([self.color] if self.say_color and self.pattern is None else [])
         return " ".join(words + ([self.identifier] if self.identifier else []) + [self.shape])
 
 
@@ -83,10 +90,11 @@ def place(rng: random.Random, n: int, slot: int) -> tuple[float, float, float]:
 
 
 def random_scene(rng: random.Random, identifier_rate=0.1, no_color_rate=0.15, no_background_rate=0.2,
-                 empty_rate=0.1, two_rate=0.5) -> Scene:
-    """A pretraining scene: one or two solid shapes. Captions sometimes leave out a colour or the
-    background (so 'a circle' means a circle of any colour), are sometimes empty (for guidance), and
-    sometimes carry a reserved identifier that changes nothing in the picture."""
+                 empty_rate=0.1, two_rate=0.5, pattern_rate=0.0) -> Scene:
+    """A pretraining scene: one or two shapes, solid or (pattern_rate: the second base model's world) with a
+    random pattern its caption describes. Captions sometimes leave out a colour or the background (so 'a
+    circle' means a circle of any colour), are sometimes empty (for guidance), and sometimes carry a
+    reserved identifier that changes nothing in the picture."""
     bg = rng.choice(COLOR_NAMES)
     n = 2 if rng.random() < two_rate else 1
     objs, taken = [], set()
@@ -96,39 +104,57 @@ def random_scene(rng: random.Random, identifier_rate=0.1, no_color_rate=0.15, no
             shape, color = rng.choice(SHAPES), rng.choice([c for c in COLOR_NAMES if c != bg])
         taken.add((shape, color))
         ident = rng.choice(IDENTIFIERS) if rng.random() < identifier_rate else None
-        objs.append(Obj(shape, color, *place(rng, n, slot), rng.random() >= no_color_rate, ident))
+        obj = Obj(shape, color, *place(rng, n, slot), rng.random() >= no_color_rate, ident)
+        if pattern_rate and rng.random() < pattern_rate:
+            from .concepts import random_pattern
+
+            obj.pattern, obj.say_pattern = random_pattern(rng, bg, shape), obj.say_color
+        objs.append(obj)
     words = objs[::-1] if rng.random() < 0.5 else objs
     text = describe(words, None if rng.random() < no_background_rate else bg)
+    if len(text.split()) > MAX_WORDS:  # two described patterns: leave out the background, then the identifiers
+        text = describe(words, None)
+        if len(text.split()) > MAX_WORDS:
+            for o in objs:
+                o.identifier = None
+            text = describe(words, None)
     return Scene(bg, objs, "" if rng.random() < empty_rate else text)
 
 
 def scene_params(scenes: list[Scene]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backgrounds [B] and objects [B, 2, 5] (shape, colour, cx, cy, r; absent objects off-canvas)."""
-    rows = [[(SHAPES.index(o.shape), COLOR_NAMES.index(o.color), o.cx, o.cy, o.r) for o in s.objects[:2]]
-            + [(0, 0, -100.0, -100.0, 0.0)] * (2 - len(s.objects[:2])) for s in scenes]
+    """Backgrounds [B] and objects [B, 2, 9]: shape, colour, cx, cy, r, then the pattern (type index or -1
+    for a solid object, two colours, parameter: concepts.pattern_numbers); absent objects off-canvas."""
+    from .concepts import pattern_numbers
+
+    def row(o: Obj, background: str):
+        pattern = pattern_numbers(o.pattern, background) if o.pattern is not None else (-1, 0, 0, 0.0)
+        return (SHAPES.index(o.shape), COLOR_NAMES.index(o.color), o.cx, o.cy, o.r, *pattern)
+
+    absent = (0, 0, -100.0, -100.0, 0.0, -1, 0, 0, 0.0)
+    rows = [[row(o, s.background) for o in s.objects[:2]] + [absent] * (2 - len(s.objects[:2])) for s in scenes]
     return torch.tensor([COLOR_NAMES.index(s.background) for s in scenes]), torch.tensor(rows, dtype=torch.float32)
 
 
 def render_params(background: torch.Tensor, objects: torch.Tensor) -> torch.Tensor:
-    """Batched render of solid objects from scene_params tensors (on their device) -> [B, 3, SIZE, SIZE]."""
+    """Batched render from scene_params tensors (on their device) -> [B, 3, SIZE, SIZE]; patterned objects paint
+    their pattern's colours."""
+    from .concepts import object_coordinates, paint
+
     palette = PALETTE.to(objects.device)
     masks = shape_mask(objects[..., 0].long(), objects[..., 2], objects[..., 3], objects[..., 4])  # [B, 2, S, S]
     out = palette[background][:, :, None, None].expand(-1, -1, SIZE, SIZE)
     for j in range(objects.shape[1]):
-        out = torch.where(masks[:, j, None], palette[objects[:, j, 1].long()][:, :, None, None], out)
+        o = objects[:, j]
+        color = palette[o[:, 1].long()][:, :, None, None]
+        if (o[:, 5] >= 0).any():
+            u, v = object_coordinates(o[:, 2], o[:, 3], o[:, 4].clamp(min=1e-6), o.device)
+            labels = paint(o[:, 5].long(), o[:, 6].long(), o[:, 7].long(), o[:, 8], u, v)
+            color = torch.where((o[:, 5] >= 0)[:, None, None, None], palette[labels].permute(0, 3, 1, 2), color)
+        out = torch.where(masks[:, j, None], color, out)
     return out.contiguous()
 
 
 def render(scenes: list[Scene], device: torch.device | str = "cpu") -> torch.Tensor:
     """Images [B, 3, SIZE, SIZE] in [0, 1]; patterned objects (concepts) paint their own colours."""
-    from .concepts import pattern_colors
-
     background, objects = scene_params(scenes)
-    out = render_params(background.to(device), objects.to(device)).clone()
-    for i, scene in enumerate(scenes):
-        for o in scene.objects:
-            if o.pattern is not None:
-                t = lambda v: torch.tensor(v, device=device)  # noqa: E731
-                mask = shape_mask(t(SHAPES.index(o.shape)), t(o.cx), t(o.cy), t(o.r))
-                out[i] = torch.where(mask, pattern_colors(o, scene.background, device), out[i])
-    return out
+    return render_params(background.to(device), objects.to(device))
