@@ -129,6 +129,29 @@ def build_sdxl():
     return patcher(model)
 
 
+
+def build_flux(hidden: int = 64, heads: int = 4, depth: int = 2, single: int = 2, context_dim: int = 32,
+               vec_dim: int = 32):
+    """Flux.1 [dev]'s layout (double blocks, then single blocks, guidance input, 2x2 patches over 16 latent
+    channels) through ComfyUI's own Flux classes, `hidden` wide (dev: 3072, 24 heads, 19 + 38 blocks, T5 4096)."""
+    import comfy.supported_models
+    import torch
+
+    head = hidden // heads
+    axes = [head // 4, 3 * head // 8, 3 * head // 8]  # RoPE's axes, each even (dev: 16, 56, 56 of 128; here 4, 6, 6)
+    config = {"image_model": "flux", "guidance_embed": True, "in_channels": 16, "out_channels": 16, "patch_size": 2,
+              "vec_in_dim": vec_dim, "context_in_dim": context_dim, "hidden_size": hidden, "mlp_ratio": 4.0,
+              "num_heads": heads, "depth": depth, "depth_single_blocks": single, "axes_dim": axes, "theta": 10000,
+              "qkv_bias": True}
+    with torch.inference_mode():
+        model = comfy.supported_models.Flux(config).get_model({}, device="cpu")
+        randomize(model, 3)
+        for name, p in model.named_parameters():  # QK RMSNorm scales: no torch init to run, ones as trained models start
+            if name.endswith(".scale"):
+                p.fill_(1.0)
+    return patcher(model)
+
+
 def build_clip(kind="sd1", width: int = 32):
     """A comfy.sd.CLIP with the real tokenizer and a 2-layer random text transformer `width` wide."""
     import comfy.sd

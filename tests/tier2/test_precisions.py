@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -42,18 +43,25 @@ ATTENTION = {
 # torch's CPU group_norm refuses bf16 input with fp16 parameters (a CUDA GPU runs it): only here is a run refused.
 CPU_REFUSES = "mixed dtype (CPU): expect parameter to have scalar type of Float"
 
-_done: dict[str, tuple[Path, dict, str]] = {}
 
 
 def _run(name: str, flags: list[str], devices: str, folder: Path) -> tuple[Path, dict, str]:
-    """precision_check.py for one flag set (once per session): its folder, JSON lines by device, stderr."""
-    if name not in _done:
-        out = folder / name
-        proc = subprocess.run([sys.executable, str(SCRIPT), str(out), "--emulate", devices, "--", *flags],
-                              capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-        _done[name] = out, {r["emulate"]: r for r in lines}, proc.stderr if proc.returncode else ""
-    return _done[name]
+    """precision_check.py for one flag set: its folder, JSON lines by device, stderr (when it failed)."""
+    out = folder / name
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(out), "--emulate", devices, "--", *flags],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return out, {r["emulate"]: r for r in lines}, proc.stderr if proc.returncode else ""
+
+
+@pytest.fixture(scope="module")
+def runs(folder):
+    """Every flag set's process, started together (each computes on one thread, so as many run at once as
+    there are cores): name -> future of _run's result."""
+    jobs = {name: (flags, ",".join(expected)) for name, (flags, expected) in RUNS.items()}
+    jobs |= {name: (["--cpu", flag], "cpu") for name, (flag, _) in ATTENTION.items()}
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        yield {name: pool.submit(_run, name, flags, devices, folder) for name, (flags, devices) in jobs.items()}
 
 
 def _deltas(path: Path) -> dict[str, torch.Tensor]:
@@ -71,17 +79,16 @@ def folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def fp32(folder):
-    flags, expected = RUNS["fp32"]
-    out, records, err = _run("fp32", flags, ",".join(expected), folder)
+def fp32(runs):
+    out, records, err = runs["fp32"].result()
     assert not err, err[-3000:]
     return out / "cpu.safetensors"
 
 
 @pytest.mark.parametrize("name,device", [(n, d) for n, (_, expected) in RUNS.items() for d in expected])
-def test_training_and_lag_sampling_under_each_precision_match_float32(name, device, folder, fp32):
-    flags, expected = RUNS[name]
-    out, records, err = _run(name, flags, ",".join(expected), folder)
+def test_training_and_lag_sampling_under_each_precision_match_float32(name, device, runs, fp32):
+    _, expected = RUNS[name]
+    out, records, err = runs[name].result()
     if CPU_REFUSES in err and device not in records:
         pytest.skip(f"torch's CPU kernels refuse this set-up ({CPU_REFUSES}); a GPU runs it")
     assert device in records, err[-3000:]
@@ -101,9 +108,9 @@ def test_training_and_lag_sampling_under_each_precision_match_float32(name, devi
 
 
 @pytest.mark.parametrize("name", list(ATTENTION))
-def test_each_attention_backend_trains_and_samples_like_the_default(name, folder, fp32):
+def test_each_attention_backend_trains_and_samples_like_the_default(name, runs, fp32):
     flag, kernel = ATTENTION[name]
-    out, records, err = _run(name, ["--cpu", flag], "cpu", folder)
+    out, records, err = runs[name].result()
     assert "cpu" in records, err[-3000:]
     r = records["cpu"]
     assert r["attention"] == kernel, r  # the flag took effect in that process
