@@ -15,7 +15,9 @@ from comfy.patcher_extension import CallbacksMP, WrappersMP
 from comfy_api.latest import io, ui
 
 from ..residual_core import (
+    DEFAULT_MASK_STRATEGY,
     MASK_RULES,
+    MASK_STRATEGIES,
     CallLayout,
     Concept,
     LagSession,
@@ -24,6 +26,7 @@ from ..residual_core import (
     attach,
     check_range,
     check_rule,
+    check_strategy,
     locate_concept,
 )
 from .advice import in_ui_words
@@ -41,6 +44,9 @@ from .residual_type import CATEGORY, Residual
 
 PATCH_KEY = "personalized_residuals.lag"
 MODES = ("LAG", "global")
+# A prompt made before the mask_strategy input existed (API JSON without it) keeps the masks it had then; a new
+# node gets DEFAULT_MASK_STRATEGY (the schema's default).
+LEGACY_STRATEGY = "per_block"
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,7 @@ class LagConcept:
     strength: float
     rule: tuple[str, float] | None  # (mask rule, value) in LAG mode, None in global mode
     sigma_window: tuple[float, float] | None  # (low, high), or None for every step
+    strategy: str = LEGACY_STRATEGY  # which attention map makes the mask (residual_core/masks.py)
 
     @property
     def name(self) -> str:
@@ -171,7 +178,7 @@ def _sessions(concepts: list[LagConcept], clip, prompt: str, positive) -> list[L
             raise ResidualError(f"Concept '{c.name}' of this LAG chain: {e} The prompt of the chain's last LAG node "
                                 "must name every concept of the chain.") from None
         sessions.append(LagSession(found.positions, found.prompt_tokens, *c.rule,
-                                   embeddings=tokens[found.positions].float().clone()))
+                                   embeddings=tokens[found.positions].float().clone(), strategy=c.strategy))
     return sessions
 
 
@@ -187,6 +194,13 @@ def mask_and_window_inputs(what: str, outside: str) -> list:
                        tooltip=f"Apply {what} from this point of the sampling schedule..."),
         io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
                        tooltip=f"...up to this point. {outside}"),
+        io.Combo.Input("mask_strategy", options=list(MASK_STRATEGIES), default=DEFAULT_MASK_STRATEGY, optional=True,
+                       tooltip="Which attention map makes the mask. per_block: each block's own, every step. shared: "
+                       "one map for all blocks (their mean, from the previous step). lorashop: the last block's, for all "
+                       "blocks. freefuse: one early block's at step 4, then fixed (no residual before it). +ema: smoothed "
+                       "over steps. warmup (default; least bleeding between concepts in the README's measurement): "
+                       "per_block with no residual in the first 3 steps (warmup8: 8) while the layout settles. With "
+                       "several concepts the masks never overlap. All cost one model pass per step."),
     ]
 
 
@@ -227,10 +241,10 @@ class LagSampler(io.ComfyNode):
     @classmethod
     @in_ui_words
     def execute(cls, model, residual, clip, prompt, strength, mode, mask_rule, mask_value, start_percent,
-                end_percent) -> io.NodeOutput:
+                end_percent, mask_strategy=LEGACY_STRATEGY) -> io.NodeOutput:
         if mode not in MODES:
             raise ResidualError(f"mode must be one of {MODES}, got {mode!r}.")
-        check_settings(strength, start_percent, end_percent, mask_rule, mask_value)
+        check_settings(strength, start_percent, end_percent, mask_rule, mask_value, mask_strategy)
         targets = targets_of(model)
         residual.check_fits(targets)
         meta = residual.meta
@@ -244,11 +258,13 @@ class LagSampler(io.ComfyNode):
             logging.warning("LAG Sampler: residual '%s %s' was trained on another checkpoint of the same family; "
                             "it may look different here.", meta.identifier, meta.class_word)
         concept = LagConcept(residual, meta.identifier, meta.class_word, strength,
-                             (mask_rule, mask_value) if mode == "LAG" else None, sigma_window(model, start_percent, end_percent))
+                             (mask_rule, mask_value) if mode == "LAG" else None, sigma_window(model, start_percent, end_percent),
+                             mask_strategy)
         return io.NodeOutput(*with_concept(model, concept, clip, prompt, targets))
 
 
-def check_settings(strength, start_percent, end_percent, mask_rule, mask_value) -> None:
+def check_settings(strength, start_percent, end_percent, mask_rule, mask_value,
+                   mask_strategy: str = LEGACY_STRATEGY) -> None:
     """The settings every LAG node shares, checked before anything runs."""
     check_range("strength", strength, -4, 4, "1 applies it as trained.")
     check_range("start_percent", start_percent, 0, 1)
@@ -256,6 +272,7 @@ def check_settings(strength, start_percent, end_percent, mask_rule, mask_value) 
     if start_percent > end_percent:
         raise ResidualError(f"start_percent ({start_percent}) must not exceed end_percent ({end_percent}).")
     check_rule(mask_rule, mask_value)
+    check_strategy(mask_strategy)
 
 
 def sigma_window(model, start_percent: float, end_percent: float) -> tuple[float, float] | None:

@@ -20,7 +20,7 @@ from comfy_api.latest import io
 from ..residual_core import ResidualError, ResidualSet, family_label, fileformat, low_rank, model_family
 from .advice import in_ui_words
 from .comfy_model import LoraWeights, family_of, lora_weights, targets_of
-from .lag import LagConcept, check_settings, mask_and_window_inputs, sigma_window, with_concept
+from .lag import LEGACY_STRATEGY, LagConcept, check_settings, mask_and_window_inputs, sigma_window, with_concept
 from .residual_type import CATEGORY
 
 UNMASKABLE_LAYERS = ("apply globally", "skip")
@@ -144,8 +144,8 @@ class LagLora(io.ComfyNode):
     @classmethod
     @in_ui_words
     def execute(cls, model, clip, lora_name, trigger_word, class_word, prompt, strength, unmaskable_layers,
-                mask_rule, mask_value, start_percent, end_percent) -> io.NodeOutput:
-        check_settings(strength, start_percent, end_percent, mask_rule, mask_value)
+                mask_rule, mask_value, start_percent, end_percent, mask_strategy=LEGACY_STRATEGY) -> io.NodeOutput:
+        check_settings(strength, start_percent, end_percent, mask_rule, mask_value, mask_strategy)
         for name, word in (("trigger_word", trigger_word), ("class_word", class_word)):
             if not word.strip():
                 raise ResidualError(f"{name} is empty: LAG finds the LoRA's subject in the prompt by its trigger word "
@@ -172,7 +172,7 @@ class LagLora(io.ComfyNode):
             clip = clip.clone()
             clip.add_patches(text_encoder, strength)
         concept = LagConcept(ResidualSet(masked, kind="lora"), trigger_word, class_word, strength, (mask_rule, mask_value),
-                             window)
+                             window, mask_strategy)
         m, positive = with_concept(model, concept, clip, prompt, targets)
         if apply_everywhere and unmaskable:
             m.add_patches(unmaskable, strength)

@@ -15,9 +15,14 @@ latent (an area prompt sees part of the image). So cond and uncond rows of one s
 whatever order and batching ComfyUI runs them, provided the LAG chunk runs first in each evaluation (the
 ComfyUI layer, nodes/lag.py, sees to that).
 
+Which map a LAG chunk's mask comes from (its block's own, one shared by all blocks, one block's at one
+step held fixed, ...) is the session's mask strategy (masks.py); followers take whatever their LAG chunk
+applied.
+
 State by lifetime: per sampling run (reset()): the last mask applied in each block (for layers that run
-before a block's first cross-attention) and the sums the mask preview reads; per model evaluation
-(begin_evaluation()): the masks followers take; per UNet call (begin_call()): the chunks and the maps.
+before a block's first cross-attention), the sums the mask preview reads and the strategy's run state;
+per model evaluation (begin_evaluation()): the masks followers take; per UNet call (begin_call()): the
+chunks and the maps.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ResidualError, check_range
+from .masks import MaskStrategy
 
 MASK_RULES = ("max_fraction", "median", "mean", "soft")
 
@@ -156,7 +162,7 @@ class LagSession:
     """
 
     def __init__(self, positions: list[int], prompt_tokens: int, rule: str = "max_fraction", value: float = 0.5,
-                 embeddings: torch.Tensor | None = None):
+                 embeddings: torch.Tensor | None = None, strategy: str | MaskStrategy = "per_block"):
         if not positions:
             raise ResidualError("LAG needs at least one token position (the identifier and class word).")
         check_rule(rule, value)
@@ -166,6 +172,7 @@ class LagSession:
         if embeddings is not None and embeddings.shape[0] != len(self.positions):
             raise ResidualError(f"LAG: {embeddings.shape[0]} token embeddings for {len(self.positions)} positions.")
         self.embeddings = embeddings
+        self.strategy = strategy if isinstance(strategy, MaskStrategy) else MaskStrategy(strategy)
         self._columns: dict[tuple, torch.Tensor] = {}
         self.reset()
 
@@ -176,7 +183,8 @@ class LagSession:
         self.last: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (block, frame) -> last applied (mask, score)
         self.mask_sum: dict[tuple, torch.Tensor] = {}  # per block: sum over calls of the whole-latent masks
         self.mask_calls: dict[tuple, int] = {}
-        self.begin_evaluation()
+        self.strategy.reset()
+        self._new_evaluation()
         self.begin_call(CallLayout())
 
     def begin_evaluation(self, lag_frames: frozenset = frozenset()) -> None:
@@ -184,6 +192,10 @@ class LagSession:
         lag_frames: the regions (None: the whole latent) of the LAG chunks that will run in it, so followers
         know which masks to wait for; none (every LAG entry out of its timestep range): followers get no mask,
         and the base model samples."""
+        self.strategy.begin_evaluation()
+        self._new_evaluation(lag_frames)
+
+    def _new_evaluation(self, lag_frames: frozenset = frozenset()) -> None:
         self.evaluation: dict[tuple, list[_Applied]] = {}
         self.lag_frames = frozenset(lag_frames)
         self.done_frames: set = set()
@@ -275,22 +287,24 @@ class LagSession:
 
     # ------------------------------------------------------------------ masks out
 
-    def current(self, block: tuple, batch: int, grid: tuple[int, int], device: torch.device
+    def current(self, block: tuple, batch: int, grid: tuple[int, int], device: torch.device, final: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """(mask, score) [batch, h*w] for every row of the call, leaving the maps as they are. LAG chunks: from
         their maps over the depths seen so far, or (a block whose attention this call hasn't reached yet) the
         block's last applied ones, zeros before the first. Followers: their sample's LAG chunk's, from this
-        call or this evaluation. score is the attention divided by its per-image max."""
+        call or this evaluation. score is the attention divided by its per-image max. Which map makes a LAG
+        chunk's mask is the strategy's choice; final: the block's end, where the strategy records the block's
+        complete map."""
         call = self.call
         r = batch // call.chunks
         tokens = grid[0] * grid[1]
         own: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        if block in call.maps:
-            attn = call.maps[block] / call.depth[block]
-            peak = attn.amax(-1, keepdim=True)
-            mask, score = threshold(attn, self.rule, self.value), torch.where(peak > 0, attn / peak, 0.0)
-            for j, (i, _) in enumerate(call.lag):
-                own[i] = (mask[j * r:(j + 1) * r], score[j * r:(j + 1) * r])
+        attn = call.maps[block] / call.depth[block] if block in call.maps else None
+        for j, (i, _) in enumerate(call.lag):
+            got = self.strategy.mask(block, call.frames[i], grid, None if attn is None else attn[j * r:(j + 1) * r],
+                                     final, self._to_mask)
+            if got is not None:
+                own[i] = got
         parts = []
         for i in range(call.chunks):
             frame = call.frames[i]
@@ -302,6 +316,9 @@ class LagSession:
             else:
                 parts.append(self._follow(block, r, grid, frame, own, device))
         return tuple(torch.cat(p) if len(p) > 1 else p[0] for p in zip(*parts, strict=True))
+
+    def _to_mask(self, attn: torch.Tensor) -> torch.Tensor:
+        return threshold(attn, self.rule, self.value)
 
     def _follow(self, block, rows, grid, frame, own, device) -> tuple[torch.Tensor, torch.Tensor]:
         """A follower's (mask, score): from its source LAG chunk (see _source) in this call, else from this
@@ -326,7 +343,7 @@ class LagSession:
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """current() over the block's whole depth, at the end of the block (its proj_out): its maps are
         consumed, so the next call starts afresh."""
-        out = self.current(block, batch, grid, device)
+        out = self.current(block, batch, grid, device, final=True)
         self.call.maps.pop(block, None)
         self.call.depth.pop(block, None)
         return out

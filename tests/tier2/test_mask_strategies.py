@@ -1,0 +1,68 @@
+"""The LAG nodes' mask_strategy input: every strategy in a two-concept chain, through the stock KSampler."""
+
+import comfy.samplers
+import pytest
+import torch
+from comfy_env import concept_residual, ksample, run
+from personalized_residuals.nodes.lag import PATCH_KEY, LagSampler
+from personalized_residuals.residual_core import DEFAULT_MASK_STRATEGY, MASK_STRATEGIES, MaskStrategy, ResidualError, lag
+from personalized_residuals.residual_core.masks import FREEFUSE_STEP
+
+import nodes as comfy_nodes
+
+PROMPT = "a photo of a sks dog and a zwx cat in a garden"
+STEPS = FREEFUSE_STEP + 2
+
+
+def _chain(model, clip, strategy):
+    m, positive = model, None
+    for ident, cls, seed in (("sks", "dog", 1), ("zwx", "cat", 2)):
+        residual = concept_residual(model, seed)
+        residual.meta.identifier, residual.meta.class_word = ident, cls
+        m, positive = run(LagSampler, m, residual, clip, PROMPT, strength=1.0, mode="LAG", mask_rule="max_fraction",
+                          mask_value=0.5, start_percent=0.0, end_percent=1.0, mask_strategy=strategy)
+    return m, positive
+
+
+def test_the_default_is_offered_and_a_bad_strategy_is_refused_before_sampling(sd15, clip):
+    assert DEFAULT_MASK_STRATEGY in MASK_STRATEGIES
+    schema = {i.id: i for i in LagSampler.define_schema().inputs}
+    assert schema["mask_strategy"].default == DEFAULT_MASK_STRATEGY and schema["mask_strategy"].tooltip
+    with pytest.raises(ResidualError, match="mask strategy"):
+        _chain(sd15, clip, "everywhere")
+    # A prompt saved before the input existed (no mask_strategy) keeps the per-block masks it had.
+    residual = concept_residual(sd15, 1)
+    residual.meta.identifier, residual.meta.class_word = "sks", "dog"
+    m = run(LagSampler, sd15, residual, clip, PROMPT, 1.0, "LAG", "max_fraction", 0.5, 0.0, 1.0)[0]
+    assert m.get_attachment(PATCH_KEY).sessions[0].strategy.name == "per_block"
+
+
+@pytest.mark.parametrize("strategy", MASK_STRATEGIES)
+def test_two_concepts_one_model_evaluation_per_step_masks_never_overlap(strategy, sd15, clip, monkeypatch):
+    m, positive = _chain(sd15, clip, strategy)
+    patch = m.get_attachment(PATCH_KEY)
+    assert [s.strategy.name for s in patch.sessions] == [strategy, strategy]
+    calls, applied = [], []
+    original, record = comfy.samplers.calc_cond_batch, lag.LagSession.applied
+
+    def count(*a, **kw):
+        calls.append(1)
+        return original(*a, **kw)
+
+    def spy(self, block, grid, mask, score):
+        applied.append((self.strategy.now, mask.clone()))
+        return record(self, block, grid, mask, score)
+
+    monkeypatch.setattr(comfy.samplers, "calc_cond_batch", count)
+    monkeypatch.setattr(lag.LagSession, "applied", spy)
+    out = ksample(m, positive, comfy_nodes.CLIPTextEncode().encode(clip, "")[0], steps=STEPS)
+    assert len(calls) == STEPS, "one model evaluation per step, whatever the strategy"
+    assert torch.isfinite(out).all()
+    pairs = list(zip(applied[::2], applied[1::2], strict=True))  # per block and call: first, then second concept
+    assert all(float((a * b).max()) == 0 for (_, a), (_, b) in pairs), "masks never overlap"
+    if MaskStrategy(strategy).warmup < STEPS:
+        assert any(float(a.sum()) > 0 for (_, a), _ in pairs), "the first concept applies somewhere"
+    else:
+        assert not any(float(a.sum()) > 0 for (_, a), _ in pairs), "nothing during the warm-up"
+    if strategy == "freefuse":  # nothing before the masks are fixed
+        assert all(float(a.sum()) == 0 and float(b.sum()) == 0 for (step, a), (_, b) in pairs if step < FREEFUSE_STEP)
