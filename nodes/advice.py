@@ -15,6 +15,8 @@ ADVICE = {
     "check_upstream": "Check the nodes before the images input.",
     "update_pack": "Update the node pack.",
     "regular_lora": "A regular LoRA loads with LoraLoaderModelOnly.",
+    "image_to_mask": "Use 'Convert Image to Mask' (or a segmentation node's MASK output).",
+    "load_image_mask": "(Load Image gives it for a picture without transparency.)",
 }
 
 

@@ -23,7 +23,16 @@ def unet_of(model) -> torch.nn.Module:
 
 def family_of(model) -> Family:
     """The core's description of the model's family: SD1.x, SD2.x and SDXL share one (UNets with
-    SpatialTransformers); the targets say which of them it is."""
+    SpatialTransformers); the targets say which of them it is. Any other model (Flux, SD3, video DiTs: their
+    BaseModel subclass and prediction type say so) is refused by name before anything looks for its layers."""
+    base = model.model
+    if getattr(base, "model_type", None) not in _PREDICTIONS:
+        kind = getattr(getattr(base, "model_type", None), "name", "unknown")
+        raise ResidualError(
+            f"This model is {type(base).__name__} ({kind} prediction): personalized residuals, LAG and LAG LoRA "
+            "support SD1.x, SD2.x and SDXL checkpoints for now (LAG for Flux is in progress). Load one of those with "
+            "a stock checkpoint loader."
+        )
     return SD_UNET
 
 

@@ -14,6 +14,7 @@ from comfy_api.latest import io
 from ..residual_core import (
     DEFAULT_RESOLUTION,
     INITS,
+    MASK_MARKS,
     MAX_SIDE,
     MIN_SIDE,
     ResidualError,
@@ -24,10 +25,13 @@ from ..residual_core import (
     family_label,
     identifier_warnings,
     locate_concept,
+    mask_warnings,
     model_family,
     native_resolution,
+    photo_prompts,
     photo_warnings,
     square_batch,
+    square_masks,
     train_residual,
 )
 from . import samples
@@ -55,9 +59,15 @@ def training_resolution(resolution: int, family: str, prediction: str) -> int:
     return native
 
 
+def _cond_key(k: int) -> str:
+    """The guider's name for the k-th distinct training prompt (the first is the usual 'positive')."""
+    return "positive" if k == 0 else f"positive_{k}"
+
+
 class _PositiveOnlyGuider(comfy.samplers.CFGGuider):
-    def set_conds(self, positive):
-        self.inner_set_conds({"positive": positive})
+    def set_conds(self, prompts):
+        """prompts: one CONDITIONING per distinct training prompt; ComfyUI prepares each as it does a positive."""
+        self.inner_set_conds({_cond_key(k): cond for k, cond in enumerate(prompts)})
 
 
 class _TrainingRun(comfy.samplers.Sampler):
@@ -65,9 +75,10 @@ class _TrainingRun(comfy.samplers.Sampler):
     (load the model to its device, prepare the conditioning, SDXL's size embedding included) before
     handing over the model; the loop itself is residual_core.train_residual."""
 
-    def __init__(self, residual, config, targets, flipped_latents, on_step):
+    def __init__(self, residual, config, targets, flipped_latents, on_step, prompts, masks):
         self.residual, self.config, self.targets = residual, config, targets
         self.flipped, self.on_step = flipped_latents, on_step
+        self.prompts, self.masks = prompts, masks  # PhotoPrompts; subject masks [N, H, W] or None
         self.losses = None
         self.scaler = None
 
@@ -78,7 +89,7 @@ class _TrainingRun(comfy.samplers.Sampler):
         # The training pass only: attention kernels with no backward pass are swapped for one with it.
         model_options = {**extra_args["model_options"]}
         model_options["transformer_options"] = training_attention(model_options.get("transformer_options", {}))
-        conds = model_wrap.conds["positive"]
+        conds = [model_wrap.conds[_cond_key(k)] for k in range(len(self.prompts.texts))]
         schedule = base.model_sampling.sigmas.to(latent_image.device, torch.float32)
         autocast = autocast_dtype(latent_image.device)
         self.scaler = loss_scaler(base, autocast)
@@ -86,18 +97,19 @@ class _TrainingRun(comfy.samplers.Sampler):
                      str(autocast or compute_dtype(base)).removeprefix("torch."),
                      ", with loss scaling" if self.scaler is not None else "")
 
-        def denoiser(x_t, t, index):  # DDPM x_t, integer t -> the raw eps / v, via ComfyUI's own model call
+        def denoise(x_t, t, k):  # DDPM x_t, integer t, prompt k -> the raw eps / v, via ComfyUI's own model call
             s = schedule[t].view(-1, 1, 1, 1)
             x = x_t * (s * s + 1).sqrt()
-            denoised = comfy.samplers.calc_cond_batch(base, [conds], x, schedule[t], model_options)[0]
+            denoised = comfy.samplers.calc_cond_batch(base, [conds[k]], x, schedule[t], model_options)[0]
             if prediction == "eps":
                 return (x - denoised) / s
             return (x / (s * s + 1) - denoised) * (s * s + 1).sqrt() / s
 
         flipped = None if self.flipped is None else base.process_latent_in(self.flipped.to(latent_image.device))
         self.losses = train_residual(
-            self.residual, base.diffusion_model, denoiser, latent_image, 1 / (1 + schedule**2), prediction,
-            self.config, flipped, self.on_step, autocast, targets=self.targets, scaler=self.scaler,
+            self.residual, base.diffusion_model, self.prompts.denoiser(denoise), latent_image, 1 / (1 + schedule**2),
+            prediction, self.config, flipped, self.on_step, autocast, targets=self.targets, scaler=self.scaler,
+            masks=self.masks,
         )
         if self.scaler is not None and self.scaler.skipped:
             logging.info("Train Personalized Residual: %d of %d steps skipped for float16 gradient overflow (loss scale "
@@ -159,7 +171,8 @@ class TrainPersonalizedResidual(io.ComfyNode):
                                "then records the total steps and each run's steps and learning rate (lr_history). "
                                "The optimiser's state (AdamW's moments) is not saved in residual files, so it starts "
                                "afresh; the seed draws the same timesteps and noise as a first run with that seed."),
-                io.String.Input("sample_prompts", multiline=True, default="", optional=True, tooltip="Prompts to "
+                io.String.Input("sample_prompts", multiline=True, default="", optional=True,
+                                placeholder="sample prompts, one per line (empty: the training prompt)", tooltip="Prompts to "
                                 "render after training, one per line, each by the base model and with the residual "
                                 "(LAG Sampler's way, at the same seed), into the samples grid. Empty: the training "
                                 "prompt. A prompt without the identifier and class word gets a warning and is "
@@ -169,6 +182,22 @@ class TrainPersonalizedResidual(io.ComfyNode):
                 io.Int.Input("sample_steps", default=20, min=0, max=100, optional=True, tooltip="Sampling steps per "
                              f"sample image (euler, cfg {CFG:g}, {SAMPLE_SIZE} px or the training resolution if "
                              "smaller, seed = the training seed). 0: no samples."),
+                io.Mask.Input("masks", optional=True, tooltip="Optional: one subject mask per photo, same order and "
+                              "size as the photos (a MASK batch, or a list). The loss then counts only the subject "
+                              "(plus a band of 8 px at SD's scale around it), so the residual stops learning the "
+                              "photos' backgrounds. Set mask_marks to what the masks' white (1) marks. Not "
+                              "connected: the whole photo."),
+                io.Combo.Input("mask_marks", options=list(MASK_MARKS), default="subject", optional=True,
+                               tooltip="What the masks' 1 (white) marks. subject: segmentation nodes (SAM, BiRefNet, "
+                               "background removers). background: Load Image's MASK of a cut-out PNG (it is 1 - "
+                               "alpha: 1 where the picture is transparent). Ignored without masks."),
+                io.String.Input("captions", multiline=True, default="", optional=True,
+                                placeholder="captions, one per photo, each with the identifier and class word (empty: "
+                                "'a photo of a {identifier} {class_word}')", tooltip="Optional: a caption "
+                                "per photo, one per line in the photos' order (or connect a list of strings, such as "
+                                "the texts of Load Image and Text Dataset from Folder). Each must contain the "
+                                "identifier and class word, e.g. 'a photo of a sks dog on a red sofa'. Empty: "
+                                "every photo trains with 'a photo of a {identifier} {class_word}'."),
             ],
             outputs=[
                 Residual.Output("residual", display_name="residual",
@@ -184,13 +213,16 @@ class TrainPersonalizedResidual(io.ComfyNode):
     @in_ui_words
     def execute(cls, model, clip, vae, images, class_word, identifier, steps, learning_rate, batch_size,
                 rank_fraction, seed, resolution, flip, init, gradient_checkpointing=(False,), on_cancel=("discard",),
-                resume_from=(None,), sample_prompts=("",), sample_every=(0,), sample_steps=(20,)) -> io.NodeOutput:
+                resume_from=(None,), sample_prompts=("",), sample_every=(0,), sample_steps=(20,), masks=(None,),
+                mask_marks=("subject",), captions=("",)) -> io.NodeOutput:
+        # masks and captions stay lists (one per photo, or one batch / one text); every other input is one value.
+        masks = [m for m in masks if m is not None]
         (model, clip, vae, class_word, identifier, steps, learning_rate, batch_size, rank_fraction, seed,
          resolution, flip, init, gradient_checkpointing, on_cancel, resume_from, sample_prompts, sample_every,
-         sample_steps) = (
+         sample_steps, mask_marks) = (
             v[0] for v in (model, clip, vae, class_word, identifier, steps, learning_rate, batch_size, rank_fraction,
                            seed, resolution, flip, init, gradient_checkpointing, on_cancel, resume_from,
-                           sample_prompts, sample_every, sample_steps))
+                           sample_prompts, sample_every, sample_steps, mask_marks))
         # Every input is checked before the VAE, the text encoder or the UNet runs.
         for name, value in (("model", model), ("clip", clip), ("vae", vae)):
             if value is None:
@@ -204,6 +236,8 @@ class TrainPersonalizedResidual(io.ComfyNode):
         config.check()
         if on_cancel not in ON_CANCEL:
             raise ResidualError(f"on_cancel must be one of {ON_CANCEL}, got {on_cancel!r}.")
+        if mask_marks not in MASK_MARKS:
+            raise ResidualError(f"mask_marks must be one of {MASK_MARKS}, got {mask_marks!r}.")
         check_range("sample_every", sample_every, 0, 10000, "0: samples only at the end.")
         check_range("sample_steps", sample_steps, 0, 100, "0: no samples.")
         if sample_steps and sample_every and steps // sample_every > MAX_SAMPLE_COLUMNS:
@@ -214,14 +248,18 @@ class TrainPersonalizedResidual(io.ComfyNode):
             check_range("resolution", resolution, MIN_SIDE, MAX_SIDE, "Use 0 for the model's native one.")
             if resolution % 8:
                 raise ResidualError(f"resolution must be a multiple of 8 (the VAE's scale), got {resolution}.")
+        targets = targets_of(model)  # refuses a model of another family by name
         prediction = prediction_of(model.model)
-        targets = targets_of(model)
         resolution = training_resolution(resolution, model_family(targets), prediction)
         prompt = f"a photo of a {identifier} {class_word}"
         locate_concept(tokenizer_of(clip), prompt, identifier, class_word)  # both words tokenize and are found
         pixels = square_batch(images, resolution)
+        subject = square_masks(masks, images, resolution, mask_marks) if masks else None  # [N, size, size]
+        training_prompts = photo_prompts(captions, len(pixels), prompt, tokenizer_of(clip), identifier, class_word)
+        captions_given = any(str(c).strip() for c in captions)
         prompts = samples.sample_prompts(sample_prompts or "", identifier, class_word) if sample_steps else []
-        warnings = (photo_warnings(images, resolution) + identifier_warnings(identifier, class_word)
+        warnings = (photo_warnings(images, resolution) + (mask_warnings(masks, mask_marks) if masks else [])
+                    + identifier_warnings(identifier, class_word)
                     + samples.prompt_warnings(prompts, clip, identifier, class_word))
         for line in warnings:
             logging.warning("Train Personalized Residual: %s", line)
@@ -238,11 +276,12 @@ class TrainPersonalizedResidual(io.ComfyNode):
                                         f"'{identifier} {class_word}': set class_word and identifier to its own.")
                 meta.seed, meta.batch_size, meta.weight_decay = seed, batch_size, config.weight_decay
 
-        # Fixed for the whole run, so encoded once: the photos (and their mirror images) and the prompt.
+        # Fixed for the whole run, so encoded once: the photos (and their mirror images) and each distinct prompt.
         latents = vae.encode(pixels)
         flipped = vae.encode(pixels.flip(2)) if flip else None
-        positive = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
-        if not all(bool(torch.isfinite(t).all()) for t in (latents, positive[0][0], *([flipped] if flip else []))):
+        positives = [clip.encode_from_tokens_scheduled(clip.tokenize(text)) for text in training_prompts.texts]
+        if not all(bool(torch.isfinite(t).all()) for t in (latents, *(p[0][0] for p in positives),
+                                                            *([flipped] if flip else []))):
             raise ResidualError("The VAE or the text encoder returned NaN or inf for the photos or the prompt. A VAE "
                                 "in float16 can overflow (SDXL's original VAE does): start ComfyUI with --fp32-vae or "
                                 "use a fixed VAE.")
@@ -265,9 +304,9 @@ class TrainPersonalizedResidual(io.ComfyNode):
         try:
             with torch.inference_mode(False):
                 meta.base_hash = base_hash(model, targets)
-                run = _TrainingRun(residual, config, targets, flipped, on_step)
+                run = _TrainingRun(residual, config, targets, flipped, on_step, training_prompts, subject)
                 guider = _PositiveOnlyGuider(model)
-                guider.set_conds(positive)
+                guider.set_conds(positives)
                 guider.sample(torch.zeros_like(latents), latents, run, torch.ones(1), disable_pbar=True, seed=seed)
             losses = run.losses
         except comfy.model_management.InterruptProcessingException:
@@ -307,8 +346,11 @@ class TrainPersonalizedResidual(io.ComfyNode):
                 logging.warning("Train Personalized Residual: cancelled while rendering the samples; on_cancel is "
                                 "'keep', so the trained residual is the output, without samples.")
         logging.info(
-            "Personalized residual '%s %s': %d steps on %d photos in %.1f s%s, %d parameters, loss %.4f -> %.4f%s",
-            identifier, class_word, len(losses), len(pixels), trained, sampled, residual.num_parameters(),
+            "Personalized residual '%s %s': %d steps on %d photos%s in %.1f s%s, %d parameters, loss %.4f -> %.4f%s",
+            identifier, class_word, len(losses), len(pixels),
+            "".join([" with subject masks" if subject is not None else "",
+                     f", {len(training_prompts.texts)} distinct caption(s)" if captions_given else ""]),
+            trained, sampled, residual.num_parameters(),
             float(losses[0]), float(losses[-min(10, len(losses)):].mean()),
             f" (trained further: {meta.steps} steps in all, {meta.lr_history})" if resume_from is not None else "",
         )

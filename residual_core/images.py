@@ -4,6 +4,9 @@ ComfyUI IMAGEs are float tensors [B, H, W, C] with values in [0, 1]; Load Image 
 Anything else is checked here, before any model runs: integer tensors and values far outside [0, 1]
 (unnormalised 8- or 16-bit data, [-1, 1] data) are refused with the fix; 1-channel (gray) and 2/4-channel
 (with alpha) tensors are converted, and the conversion is reported by photo_warnings().
+
+Subject masks (ComfyUI MASKs, [B, H, W] in 0-1, one per photo) are checked against the photos and cropped
+and resized exactly as they are (square_masks), so mask i still covers photo i's subject.
 """
 
 from __future__ import annotations
@@ -67,21 +70,116 @@ def _rgb(f: torch.Tensor) -> torch.Tensor:
     return f.expand(-1, -1, 3)
 
 
+def _square(x: torch.Tensor, size: int) -> torch.Tensor:
+    """[C, H, W] -> [C, size, size]: the shorter side scaled to `size` (antialiased), the centre kept."""
+    h, w = x.shape[-2:]
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    x = F.interpolate(x[None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return x[:, top:top + size, left:left + size].clamp(0, 1)
+
+
 def square_batch(images: list[torch.Tensor], size: int) -> torch.Tensor:
     """images: IMAGE tensors, each [H, W, C] or a batch [B, H, W, C], of any sizes (checked first).
 
     Returns [N, size, size, 3]: the shorter side scaled to `size` (antialiased), the centre kept.
     """
+    return torch.stack([_square(_rgb(f).movedim(-1, 0), size).movedim(0, -1) for f in _frames(images)])
+
+
+# ---------------------------------------------------------------- subject masks
+
+MASK_MARKS = ("subject", "background")  # what a mask's 1 marks: segmentation nodes mark the subject, Load
+# Image's MASK (1 - alpha) the transparent background of a cut-out PNG
+MASK_TOLERANCE = 1e-3  # resampling leaves values a hair outside 0-1; beyond this a mask is on another scale
+EMPTY_LOAD_IMAGE_MASK = (64, 64)  # what Load Image gives as MASK for a picture without transparency
+BORDER_FULL = 0.95  # a subject mask that covers this share of the photo's border probably marks the background
+
+
+def _mask_frames(masks: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Every mask as [H, W] float in 0-1, checked; a 2-D MASK counts as a batch of one (ComfyUI treats it so)."""
+    frames = []
+    for m in masks:
+        if not isinstance(m, torch.Tensor) or m.ndim not in (2, 3):
+            shape = tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
+            raise ResidualError(f"masks: got {shape}; a MASK is [batch, height, width] in 0-1, one mask per photo. "
+                                "An IMAGE ([batch, height, width, channels]) is not a mask: convert it to one first.",
+                                advice="image_to_mask")
+        frames.extend(m if m.ndim == 3 else m[None])
+    n = len(frames)
     out = []
-    for f in _frames(images):
-        x = _rgb(f).movedim(-1, 0)[None]
-        h, w = x.shape[-2:]
-        scale = size / min(h, w)
-        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-        x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
-        top, left = (nh - size) // 2, (nw - size) // 2
-        out.append(x[0, :, top:top + size, left:left + size].movedim(0, -1).clamp(0, 1))
-    return torch.stack(out)
+    for i, m in enumerate(frames, start=1):
+        if m.dtype == torch.bool:
+            m = m.float()
+        if not m.is_floating_point():
+            raise ResidualError(f"masks: mask {i} of {n} holds {str(m.dtype).removeprefix('torch.')} integers; MASKs "
+                                "are floats in 0-1. Divide 8-bit data by 255.")
+        if not bool(torch.isfinite(m).all()):
+            raise ResidualError(f"masks: mask {i} of {n} contains NaN or infinite values: whatever made it failed.")
+        lo, hi = (float(v) for v in torch.aminmax(m.float()))
+        if lo < -MASK_TOLERANCE or hi > 1 + MASK_TOLERANCE:
+            raise ResidualError(f"masks: mask {i} of {n} has values from {lo:g} to {hi:g}; a MASK holds 0-1 (1 marks "
+                                "the subject). 8-bit data: divide by 255.")
+        out.append(m.float().clamp(0, 1))
+    return out
+
+
+def _which_photos(photos: list[int]) -> str:
+    return f"photo {photos[0]}" if len(photos) == 1 else f"photos {', '.join(map(str, photos))}"
+
+
+def square_masks(masks: list[torch.Tensor], images: list[torch.Tensor], size: int,
+                 marks: str = "subject") -> torch.Tensor:
+    """masks: MASK tensors ([B, H, W] or [H, W]), one per photo of `images`, in the photos' order and sizes;
+    `marks` says what their 1 marks (MASK_MARKS). Returns the subject masks [N, size, size], 1 on the subject,
+    cropped and resized exactly as square_batch crops and resizes the photos. Raises a ResidualError naming
+    the mask and the fix for a wrong count, size, shape or range, and for a mask with no subject in it."""
+    if marks not in MASK_MARKS:
+        raise ResidualError(f"mask_marks must be one of {MASK_MARKS}, got {marks!r}.")
+    photos = _frames(images)
+    frames = _mask_frames(masks)
+    if len(frames) != len(photos):
+        raise ResidualError(f"masks: {len(frames)} mask(s) for {len(photos)} photo(s); give one mask per photo, in "
+                            "the photos' order (a MASK batch of the same length as the IMAGE batch).")
+    for i, (m, f) in enumerate(zip(frames, photos, strict=True), start=1):
+        if m.shape != f.shape[:2]:
+            (mh, mw), (h, w) = m.shape, f.shape[:2]
+            empty = (tuple(m.shape) == EMPTY_LOAD_IMAGE_MASK and not bool(m.any()))
+            raise ResidualError(
+                f"masks: mask {i} is {mw}x{mh} px but photo {i} is {w}x{h} px; each mask must have its photo's size. "
+                + ("This is the empty 64x64 MASK a loader gives for a picture without transparency: use a PNG with "
+                   "the background cut out, or a segmentation node on the photo." if empty else
+                   "Make the mask from the photo itself, or resize it to the photo's size."),
+                advice="load_image_mask" if empty else None)
+    subject = [m if marks == "subject" else 1 - m for m in frames]
+    empty = [i for i, m in enumerate(subject, start=1) if not bool(m.any())]
+    if empty:
+        what = ("all 0: no subject marked" if marks == "subject" else
+                "all 1: with mask_marks 'background' that is background everywhere")
+        raise ResidualError(f"masks: the mask of {_which_photos(empty)} is {what}, so training would learn nothing "
+                            "from it. Mark the subject in it, or leave that photo out.")
+    squared = torch.stack([_square(m[None], size)[0] for m in subject])
+    cropped = [i for i, m in enumerate(squared, start=1) if not bool(m.any())]
+    if cropped:
+        raise ResidualError(f"masks: the subject of {_which_photos(cropped)} lies outside the centre square that "
+                            "training keeps of a long photo. Crop the photo (and its mask) around the subject.")
+    return squared
+
+
+def mask_warnings(masks: list[torch.Tensor], marks: str = "subject") -> list[str]:
+    """What is legal but likely wrong about the masks, one line each (call after square_masks checked them)."""
+    frames = [m if marks == "subject" else 1 - m for m in _mask_frames(masks)]
+    full = []
+    for i, m in enumerate(frames, start=1):
+        border = torch.cat([m[0], m[-1], m[1:-1, 0], m[1:-1, -1]])
+        if float((border >= 0.5).float().mean()) >= BORDER_FULL:
+            full.append(i)
+    if not full:
+        return []
+    return [f"masks: the subject mask of {_which_photos(full)} covers the whole border of the photo: it probably "
+            "marks the background (a MASK made from a cut-out PNG's transparency is 1 on the background): if so, set "
+            f"mask_marks to '{'background' if marks == 'subject' else 'subject'}'."]
 
 
 def _which(indices: list[int]) -> str:

@@ -24,8 +24,9 @@ from comfy_env import COMFY
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = ROOT / "workflows"
 PACK_FOLDER = "comfyui-personalized-residuals"  # as the README's install step names the clone
-# Small enough for two CPU cores: 64 px photos and images (8x8 latents), two steps of each.
-TINY = {"PersonalizedResidualTrain": {"steps": 2, "batch_size": 2, "resolution": 64},
+# Small enough for two CPU cores: 64 px photos and images (8x8 latents), two steps of each (the sample grid's too:
+# its default 20 steps take two minutes on the full-size random checkpoint at 64 px).
+TINY = {"PersonalizedResidualTrain": {"steps": 2, "batch_size": 2, "resolution": 64, "sample_steps": 2},
         "EmptyLatentImage": {"width": 64, "height": 64}, "KSampler": {"steps": 2}}
 # Frontend settings of the test user: no first-run template browser, no minimap over the graph.
 SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False}
@@ -68,6 +69,19 @@ def write_photos(folder: Path, count: int = 3, size: int = 64, seed: int = 0) ->
         r = int(rng.integers(size // 8, size // 4))
         ImageDraw.Draw(image).ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
         image.save(folder / f"photo_{i}.png")
+
+
+def write_cut_outs(folder: Path, names: list[str], size: int = 64) -> None:
+    """Seeded 'cut-out photos': an opaque coloured disc on a transparent background (RGBA PNG), as a background
+    remover saves them; Load Image's MASK of each is 1 - alpha."""
+    from PIL import Image, ImageDraw
+
+    for i, name in enumerate(names):
+        image = Image.new("RGBA", (size, size), (90, 90, 90, 0))
+        r = size // 4 + 2 * i
+        colour = (200, 60 + 40 * i, 40, 255)
+        ImageDraw.Draw(image).ellipse([size // 2 - r, size // 2 - r, size // 2 + r, size // 2 + r], fill=colour)
+        image.save(folder / name)
 
 
 # ---------------------------------------------------------------- reading /object_info as the frontend does
@@ -120,6 +134,7 @@ class ComfyServer:
         (base / "models" / "checkpoints" / workflow_checkpoint()).symlink_to(checkpoint)
         write_photos(base / "input" / "concept")
         write_photos(base / "input" / "concept_b", seed=1)
+        write_cut_outs(base / "input", ["sks_dog_1.png", "sks_dog_2.png"])  # for train_with_masks
         (base / "user" / "default" / "comfy.settings.json").write_text(json.dumps(SETTINGS))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

@@ -57,6 +57,16 @@ TRAIN_CASES = [
     ({"resolution": 100}, "resolution must be a multiple of 8"),
     ({"resolution": 32}, r"resolution must be in \[64, 4096\], got 32"),
     ({"init": "gaussian"}, "init must be one of"),
+    # subject masks (one per photo, [B, H, W] in 0-1) and captions (one per photo, with the concept's words)
+    ({"masks": torch.ones(2, 64, 64)}, r"masks: 2 mask\(s\) for 3 photo\(s\); give one mask per photo"),
+    ({"masks": torch.ones(3, 64, 48)}, "masks: mask 1 is 48x64 px but photo 1 is 64x64 px"),
+    ({"masks": torch.ones(3, 64, 64, 1)}, r"a MASK is \[batch, height, width\] in 0-1.*Convert Image to Mask"),
+    ({"masks": torch.full((3, 64, 64), 255.0)}, "mask 1 of 3 has values from 255 to 255; a MASK holds 0-1"),
+    ({"masks": torch.ones(3, 64, 64).index_fill(0, torch.tensor([1]), 0)}, "the mask of photo 2 is all 0"),
+    ({"masks": torch.ones(3, 64, 64), "mask_marks": "background"}, "all 1: with mask_marks 'background'"),
+    ({"mask_marks": "alpha"}, "mask_marks must be one of"),
+    ({"captions": "a sks dog\na sks dog"}, r"captions: 2 lines for 3 photo\(s\); give one caption per photo"),
+    ({"captions": "a sks dog\na dog\na sks dog"}, r"captions, line 2 \(photo 2\): The identifier 'sks' is not in"),
 ]
 
 

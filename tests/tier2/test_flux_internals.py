@@ -91,3 +91,27 @@ def test_the_map_reads_the_concepts_columns_from_the_overrides_q_and_k(flux):
     assert all(m.shape == (1, 24) and ((m > 0) & (m < 1)).all() for m in maps)
     assert all(torch.allclose(e, torch.ones(1, 24)) for e in everything)
     assert patch_grid(maps[0], *LATENT).shape == (1, *LATENT)
+
+
+def test_each_node_refuses_a_flux_model_by_name_until_flux_is_supported(flux, sd15, clip, vae, loras_dir):
+    from comfy_env import concept_residual, run, train
+    from personalized_residuals.nodes.lag import LagSampler
+    from personalized_residuals.nodes.lora import LagLora
+    from personalized_residuals.residual_core import ResidualError, fileformat
+
+    fileformat.save(concept_residual(sd15), str(loras_dir / "sd.safetensors"))
+    photos = [torch.rand(1, 64, 64, 3)]
+    refusals = {
+        "train": lambda: train(flux, clip, vae, photos),
+        "LAG Sampler": lambda: run(LagSampler, flux, concept_residual(sd15), clip, "a photo of a sks dog", mode="LAG",
+                                   strength=1.0, mask_rule="max_fraction", mask_value=0.5, start_percent=0.0,
+                                   end_percent=1.0),
+        "LAG LoRA": lambda: run(LagLora, model=flux, clip=clip, lora_name="sd.safetensors", trigger_word="sks",
+                                class_word="dog", prompt="a photo of a sks dog", strength=1.0,
+                                unmaskable_layers="apply globally", mask_rule="max_fraction", mask_value=0.5,
+                                start_percent=0.0, end_percent=1.0),
+    }
+    for node, make in refusals.items():
+        with pytest.raises(ResidualError, match=r"This model is Flux \(FLUX prediction\).*SD1.x, SD2.x and SDXL"):
+            make()
+        print(f"{node}: refused")
