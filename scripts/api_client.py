@@ -171,11 +171,13 @@ def workflow(name: str) -> dict:
     return json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
 
 
-def node_of(graph: dict, class_type: str) -> str:
-    """The id of the one node of `class_type` in `graph`."""
-    ids = [i for i, n in graph.items() if n["class_type"] == class_type]
+def node_of(graph: dict, class_type: str, title: str | None = None) -> str:
+    """The id of the one node of `class_type` (and, if given, of that title) in `graph`."""
+    ids = [i for i, n in graph.items()
+           if n["class_type"] == class_type and title in (None, n.get("_meta", {}).get("title"))]
     if len(ids) != 1:
-        raise ValueError(f"expected one {class_type} node in the workflow, found {len(ids)}")
+        named = f" titled {title!r}" if title else ""
+        raise ValueError(f"expected one {class_type} node{named} in the workflow, found {len(ids)}")
     return ids[0]
 
 
@@ -247,7 +249,7 @@ def train(client: ComfyClient, args, out: Path) -> str:
     set_inputs(graph, "PersonalizedResidualTrain", class_word=args.class_word, identifier=args.identifier,
                steps=args.steps, resolution=args.resolution, batch_size=args.batch_size, seed=args.seed)
     run = run_or_exit(client, graph, "training")
-    save_images(client, run, node_of(graph, "PreviewImage"), out, "loss_curve")
+    save_images(client, run, node_of(graph, "PreviewImage", "loss curve"), out, "loss_curve")
     saved = run.outputs[node_of(graph, "PersonalizedResidualSave")]["residual_name"][0]
     print(f"  saved models/loras/personalized_residuals/{saved}")
     return saved

@@ -34,19 +34,26 @@ OUTPUTS = {
     "VAEDecode": [("IMAGE", "IMAGE")],
     "SaveImage": [],
     "PreviewImage": [],
+    "LoadImage": [("IMAGE", "IMAGE"), ("MASK", "MASK")],
+    "ImageBatch": [("IMAGE", "IMAGE")],
+    "MaskToImage": [("IMAGE", "IMAGE")],
+    "ImageToMask": [("MASK", "MASK")],
 }
 # Each node type's size in the UI (the frontend enlarges a node that is too small for its widgets).
 SIZES = {
-    "CheckpointLoaderSimple": (320, 100), "LoadImageSetFromFolderNode": (320, 90), "PersonalizedResidualTrain": (320, 560),
+    "CheckpointLoaderSimple": (320, 100), "LoadImageSetFromFolderNode": (320, 90), "PersonalizedResidualTrain": (320, 640),
     "PersonalizedResidualSave": (360, 80), "PersonalizedResidualLoad": (320, 110), "PersonalizedResidualLAGSampler": (400, 300),
     "PersonalizedResidualLAGLoRA": (400, 440), "PersonalizedResidualLAGMaskPreview": (300, 320),
     "LoraLoaderModelOnly": (320, 90), "CLIPTextEncode": (400, 150),
     "EmptyLatentImage": (320, 110), "KSampler": (300, 270), "VAEDecode": (200, 50), "SaveImage": (300, 320),
-    "PreviewImage": (420, 300),
+    "PreviewImage": (420, 280),
+    "LoadImage": (320, 330), "ImageBatch": (220, 50), "MaskToImage": (220, 30), "ImageToMask": (220, 60),
 }
 # Widgets followed in the UI format by a "control after generate" value: the frontend adds that widget to
 # every INT input named seed or noise_seed unless the schema says otherwise (ours says control_after_generate=False).
 CONTROL_AFTER_GENERATE = {("KSampler", "seed")}
+# From a row of training (photos, Train, and Save, loss curve and samples in a column) to the row under it.
+ROW = 800
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 RESIDUAL = "sks_dog_00001.safetensors"  # what train_and_save writes first
 PROMPT = "a photo of a sks dog on the beach"
@@ -70,7 +77,7 @@ def checkpoint(id, pos):
 def lag_sampler(id, pos, model, residual, clip, prompt=PROMPT):
     return Node(id, "PersonalizedResidualLAGSampler", pos, {"model": model, "residual": residual, "clip": clip}, {
         "prompt": prompt, "strength": 1.0, "mode": "LAG", "mask_rule": "max_fraction", "mask_value": 0.5,
-        "start_percent": 0.0, "end_percent": 1.0})
+        "start_percent": 0.0, "end_percent": 1.0, "mask_strategy": "warmup"})
 
 
 def sampling(first_id, x, y, model, positive, clip, vae, mask_preview=True):
@@ -93,6 +100,7 @@ def sampling(first_id, x, y, model, positive, clip, vae, mask_preview=True):
 
 
 def training(first_id, ckpt, folder="concept", identifier="sks", class_word="dog", y=80):
+    """Photos, Train, Save, and the loss curve and sample grid on preview nodes: five nodes, ids first_id..+4."""
     i = first_id
     return [
         Node(i, "LoadImageSetFromFolderNode", (40, y + 140), widgets={"folder": folder, "resize_method": "None"},
@@ -102,16 +110,42 @@ def training(first_id, ckpt, folder="concept", identifier="sks", class_word="dog
              {"class_word": class_word, "identifier": identifier, "steps": 150, "learning_rate": 0.001,
               "batch_size": 4, "rank_fraction": 0.05, "seed": 0, "resolution": 512, "flip": False, "init": "zero",
               "gradient_checkpointing": False, "on_cancel": "discard",
-              "sample_prompts": "", "sample_every": 0, "sample_steps": 20}),
-        Node(i + 2, "PreviewImage", (760, y + 180), {"images": (i + 1, 1)}, title="loss curve"),
+              "sample_prompts": "", "sample_every": 0, "sample_steps": 20, "mask_marks": "subject", "captions": ""}),
+        Node(i + 2, "PreviewImage", (760, y + 160), {"images": (i + 1, 1)}, title="loss curve"),
         Node(i + 3, "PersonalizedResidualSave", (760, y), {"residual": (i + 1, 0)}, {"filename_prefix": ""}),
+        Node(i + 4, "PreviewImage", (760, y + 480), {"images": (i + 1, 2)}, title="samples"),
+    ]
+
+
+def masked_training(first_id, ckpt, photos=("sks_dog_1.png", "sks_dog_2.png")):
+    """Cut-out PNGs (transparent background) through Load Image: their pictures batched as the photos, their
+    MASKs (1 - alpha: 1 on the background, hence mask_marks 'background') batched the same way (as pictures:
+    ComfyUI has no mask-batch node) as the masks; Train, Save, loss curve and samples. Ids first_id..+10."""
+    i = first_id
+    loads = [Node(i + k, "LoadImage", (40, 80 + 360 * k), widgets={"image": name}, title=f"photo {k + 1} (cut-out PNG)")
+             for k, name in enumerate(photos)]
+    j = i + len(photos)
+    train = training(j + 5, ckpt)[1:]  # Train, its previews and Save, photos and masks from the nodes above
+    train[0].pos, train[0].links = (760, 80), {**train[0].links, "images": (j, 0), "masks": (j + 4, 0)}
+    train[0].widgets = {**train[0].widgets, "mask_marks": "background"}
+    for node, pos in zip(train[1:], [(1120, 260), (1120, 80), (1580, 80)], strict=True):
+        node.pos = pos
+    return [
+        *loads,
+        Node(j, "ImageBatch", (400, 80), {"image1": (i, 0), "image2": (i + 1, 0)}, title="photos"),
+        Node(j + 1, "MaskToImage", (400, 240), {"mask": (i, 1)}),
+        Node(j + 2, "MaskToImage", (400, 320), {"mask": (i + 1, 1)}),
+        Node(j + 3, "ImageBatch", (400, 400), {"image1": (j + 1, 0), "image2": (j + 2, 0)}),
+        Node(j + 4, "ImageToMask", (400, 500), {"image": (j + 3, 0)}, {"channel": "red"}, title="masks"),
+        *train,
     ]
 
 
 WORKFLOWS = {
     # Train, save, and sample with LAG in one graph (the README's example): training above, sampling below.
-    "train_and_sample": [checkpoint(1, (40, 80)), *training(2, 1), lag_sampler(6, (40, 620), (1, 0), (3, 0), (1, 1)),
-                         *sampling(7, 40, 620, (6, 0), (6, 1), (1, 1), (1, 2))],
+    "train_and_sample": [checkpoint(1, (40, 80)), *training(2, 1),
+                         lag_sampler(7, (40, 80 + ROW), (1, 0), (3, 0), (1, 1)),
+                         *sampling(8, 40, 80 + ROW, (7, 0), (7, 1), (1, 1), (1, 2))],
     # Train and save only.
     "train_and_save": [checkpoint(1, (40, 80)), *training(2, 1)],
     # Load a saved residual and sample it with LAG.
@@ -127,15 +161,15 @@ WORKFLOWS = {
         Node(2, "PersonalizedResidualLAGLoRA", (40, 220), {"model": (1, 0), "clip": (1, 1)}, {
             "lora_name": f"personalized_residuals/{RESIDUAL}", "trigger_word": "sks", "class_word": "dog",
             "prompt": PROMPT, "strength": 1.0, "unmaskable_layers": "apply globally", "mask_rule": "max_fraction",
-            "mask_value": 0.5, "start_percent": 0.0, "end_percent": 1.0}),
+            "mask_value": 0.5, "start_percent": 0.0, "end_percent": 1.0, "mask_strategy": "warmup"}),
         *sampling(3, 480, 80, (2, 0), (2, 1), (2, 2), (1, 2)),
     ],
     # Two concepts in one image: each trained on its own photos, then a chain of two LAG Samplers. The last
     # prompt names both; each residual applies only where its own words attend.
-    "two_concepts": [checkpoint(1, (40, 80)), *training(2, 1), *training(6, 1, "concept_b", "zwx", "cat", y=620),
-                     lag_sampler(10, (40, 1160), (1, 0), (3, 0), (1, 1), TWO_PROMPT),
-                     lag_sampler(11, (40, 1500), (10, 0), (7, 0), (1, 1), TWO_PROMPT),
-                     *sampling(12, 480, 1160, (11, 0), (11, 1), (1, 1), (1, 2))],
+    "two_concepts": [checkpoint(1, (40, 80)), *training(2, 1), *training(7, 1, "concept_b", "zwx", "cat", y=80 + ROW),
+                     lag_sampler(12, (40, 80 + 2 * ROW), (1, 0), (3, 0), (1, 1), TWO_PROMPT),
+                     lag_sampler(13, (40, 80 + 2 * ROW + 340), (12, 0), (8, 0), (1, 1), TWO_PROMPT),
+                     *sampling(14, 480, 80 + 2 * ROW, (13, 0), (13, 1), (1, 1), (1, 2))],
     # The saved file as an ordinary LoRA: the stock loader applies it everywhere (no LAG, no mask).
     "stock_lora_loader": [
         checkpoint(1, (40, 80)),
@@ -144,6 +178,9 @@ WORKFLOWS = {
         Node(3, "CLIPTextEncode", (400, 80), {"clip": (1, 1)}, {"text": PROMPT}, title="positive"),
         *sampling(4, 400, 80, (2, 0), (3, 0), (1, 1), (1, 2), mask_preview=False),
     ],
+    # Train on the subject only: cut-out PNGs' masks make the loss ignore their backgrounds (mask_marks
+    # 'background': Load Image's MASK is 1 where the picture is transparent).
+    "train_with_masks": [checkpoint(1, (400, 620)), *masked_training(2, 1)],
 }
 
 
@@ -188,6 +225,8 @@ def main() -> None:
     folder = Path(__file__).parent
     (folder / "api").mkdir(exist_ok=True)
     for name, nodes in WORKFLOWS.items():
+        ids = [n.id for n in nodes]
+        assert len(set(ids)) == len(ids), f"{name}: node ids used twice: {sorted({i for i in ids if ids.count(i) > 1})}"
         (folder / f"{name}.json").write_text(json.dumps(ui_format(nodes), indent=1) + "\n")
         (folder / "api" / f"{name}.json").write_text(json.dumps(api_format(nodes), indent=1) + "\n")
         print(f"wrote workflows/{name}.json and workflows/api/{name}.json")

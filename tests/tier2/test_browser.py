@@ -3,14 +3,17 @@ server (comfy_server.py), in headless Chromium driven by Playwright.
 
 Each workflow file is opened as a user opens one (Workflow > Open: the page's file input) and must raise
 no missing-node dialog and no invalid-workflow alert; its nodes must be registered and show their widgets,
-holding the values of the file's API twin. One workflow is queued with the Run button and watched to the
-end on the page, where Save Residual then shows the file's name (the pack's web/save_residual.js).
+holding the values of the file's API twin. Hovering each input and output of the Train node shows its tooltip.
+One workflow is queued with the Run button and watched to the end on the page, where the loss curve and the
+sample grid then show on their preview nodes and Save Residual shows the file's name (the pack's
+web/save_residual.js).
 Each node's help page (web/docs/<node id>.md) must render in the node library with its pictures, each
 workflow's thumbnail (workflows/<name>.jpg) must show in the Templates browser, and the node search box
 must find the nodes by what people call them.
 Set PERSONALIZED_RESIDUALS_SCREENSHOT=docs/web-ui.png to keep the final screenshot, and
-PERSONALIZED_RESIDUALS_PICTURES=1 to redraw the thumbnails, the help pages' node pictures and
-docs/help-page.png from the page.
+PERSONALIZED_RESIDUALS_PICTURES=1 to redraw the thumbnails, the help pages' node pictures, docs/help-page.png
+and, from the run, docs/web-ui.png (the whole graph) and docs/train-samples.png (training, its loss curve and
+sample grid).
 """
 
 import io
@@ -24,6 +27,7 @@ from comfy_server import PACK_FOLDER, TINY, declared_inputs, frontend_widgets
 from PIL import Image
 
 try:
+    from playwright.sync_api import TimeoutError as PageTimeout
     from playwright.sync_api import sync_playwright
 except ImportError:
     sync_playwright = None
@@ -63,6 +67,28 @@ GRAPH_BOX_JS = """([ids, margin]) => {
     const [[left, top], [right, bottom]] = [screen(x0, y0), screen(x1, y1)];
     return {x: left - margin, y: top - margin, width: right - left + 2 * margin, height: bottom - top + 2 * margin};
 }"""
+# Where on the screen the mouse shows the tooltip of input or output `name` of node `id`: the middle of its widget, or
+# its socket (an input without a widget, or an output); null for a text box, a DOM element the canvas has no tooltip for.
+SPOT_JS = """([id, name, output]) => {
+    const n = app.graph.getNodeById(id), ds = app.canvas.ds, box = app.canvas.canvas.getBoundingClientRect();
+    const widget = output ? null : n.widgets?.find(w => w.name === name);
+    if (widget?.element) return null;
+    const [x, y] = widget ? [n.pos[0] + n.size[0] / 2, n.pos[1] + widget.y + LiteGraph.NODE_WIDGET_HEIGHT / 2]
+        : n.getConnectionPos(!output, (output ? n.outputs : n.inputs).findIndex(s => s.name === name));
+    return [box.left + (x + ds.offset[0]) * ds.scale, box.top + (y + ds.offset[1]) * ds.scale];
+}"""
+TOOLTIP_JS = "() => document.querySelector('.node-tooltip')?.textContent ?? null"
+# The text box of input `name` of node `id`: shown, inside the node on the screen, and its text.
+TEXT_BOX_JS = """([id, name]) => {
+    const n = app.graph.getNodeById(id), el = n.widgets.find(w => w.name === name).element, r = el.getBoundingClientRect();
+    const ds = app.canvas.ds, c = app.canvas.canvas.getBoundingClientRect();
+    const [left, top] = [c.left + (n.pos[0] + ds.offset[0]) * ds.scale, c.top + (n.pos[1] + ds.offset[1]) * ds.scale];
+    return {visible: el.checkVisibility(), inside: r.width > 0 && r.height > 0 && r.left >= left && r.top >= top
+            && r.right <= left + n.size[0] * ds.scale && r.bottom <= top + n.size[1] * ds.scale, value: el.value};
+}"""
+# The picture a preview node shows: its file name and size.
+SHOWN_IMAGE_JS = """id => { const img = app.graph.getNodeById(id).imgs[0];
+    return {src: new URL(img.src).searchParams.get('filename'), size: [img.naturalWidth, img.naturalHeight]}; }"""
 
 
 @pytest.fixture(scope="module")
@@ -133,12 +159,55 @@ def draw_pictures(page, path: Path, shown: list[dict]) -> None:
     for node in shown:
         if node["type"].startswith(OURS) and node["type"] not in earlier:
             earlier.add(node["type"])
-            page.evaluate("""id => { const n = app.graph.getNodeById(id), ds = app.canvas.ds;
-                ds.scale = 1; ds.offset = [200 - n.pos[0], 200 - n.pos[1]]; app.canvas.setDirty(true, true); }""", node["id"])
-            page.wait_for_timeout(300)
+            show_node(page, node["id"])
             box = page.evaluate(GRAPH_BOX_JS, [[node["id"]], 6])
             box.update(y=box["y"] - 22, height=box["height"] + 22)  # and the pack's badge above the title
             page.screenshot(path=str(HELP / f"{node['type']}.png"), clip=box)
+
+
+def show_node(page, node_id: int) -> None:
+    """The canvas at 100%, node `node_id`'s top left corner 200 px from the canvas's."""
+    page.evaluate("""id => { const n = app.graph.getNodeById(id), ds = app.canvas.ds;
+        ds.scale = 1; ds.offset = [200 - n.pos[0], 200 - n.pos[1]]; app.canvas.setDirty(true, true); }""", node_id)
+    page.wait_for_timeout(300)
+
+
+def node_ids(path: Path) -> dict[str, int]:
+    """{title, or type for a node without one: id} of a workflow file's nodes."""
+    return {n.get("title", n["type"]): n["id"] for n in json.loads(path.read_text())["nodes"]}
+
+
+def test_the_train_node_shows_each_input_and_output_with_its_tooltip(page, object_info):
+    """Hovering an input's widget or socket, or an output, shows the tooltip the schema declares (sample_prompts,
+    on_cancel, resume_from and the rest). The frontend shows none for a text box (a DOM widget, such as
+    sample_prompts): that one must be on the node, inside its bounds, holding the file's value."""
+    path = FOLDER / "train_and_save.json"
+    assert open_workflow(page, path) == []
+    train = node_ids(path)[f"{OURS}Train"]
+    info = object_info[f"{OURS}Train"]
+    show_node(page, train)
+    wanted = [(name, (spec[1] if len(spec) > 1 else {}).get("tooltip"), False) for name, spec in declared_inputs(info).items()]
+    wanted += [(name, tip, True) for name, tip in zip(info["output_name"], info["output_tooltips"], strict=True)]
+    assert {"sample_prompts", "sample_every", "sample_steps", "on_cancel", "resume_from", "samples"} <= {w[0] for w in wanted}
+    text_boxes = []
+    for name, tooltip, output in wanted:
+        assert tooltip, f"{name}: no tooltip declared"
+        spot = page.evaluate(SPOT_JS, [train, name, output])
+        if spot is None:
+            text_boxes.append(name)
+            continue
+        page.mouse.move(5, 500)  # off the node: the tooltip shown before goes away
+        page.mouse.move(*spot)
+        try:
+            page.wait_for_function(f"t => ({TOOLTIP_JS})() === t", arg=tooltip, timeout=5000)
+        except PageTimeout:
+            pytest.fail(f"{name}: hovering it shows {page.evaluate(TOOLTIP_JS)!r}, not its tooltip {tooltip!r}")
+    page.mouse.move(5, 500)
+    assert "sample_prompts" in text_boxes
+    api = json.loads((FOLDER / "api" / path.name).read_text())[str(train)]["inputs"]
+    for name in text_boxes:
+        box = page.evaluate(TEXT_BOX_JS, [train, name])
+        assert box == {"visible": True, "inside": True, "value": api[name]}, name
 
 
 def test_a_workflow_with_an_unknown_node_raises_the_missing_node_dialog(page, tmp_path):
@@ -151,9 +220,15 @@ def test_a_workflow_with_an_unknown_node_raises_the_missing_node_dialog(page, tm
     assert any("Some Nodes Are Missing" in n and "NoSuchNodeAnywhere" in n for n in notices), notices
 
 
+# The sample grid in the run from the page: one prompt, a column for the base model and one per training step.
+SAMPLES = {"sample_prompts": "a photo of a sks dog on the beach", "sample_every": 1}
+
+
 def test_queue_from_the_page_and_watch_it_finish(page, client, comfy_server, tmp_path):
-    assert open_workflow(page, FOLDER / "train_and_sample.json") == []
-    settings = {**TINY, f"{OURS}Train": {**TINY[f"{OURS}Train"], "seed": 2}}  # a new seed: it trains from the page
+    path = FOLDER / "train_and_sample.json"
+    assert open_workflow(page, path) == []
+    # A new seed: it trains from the page.
+    settings = {**TINY, f"{OURS}Train": {**TINY[f"{OURS}Train"], "seed": 2, **SAMPLES}}
     page.evaluate("""settings => {
         for (const node of app.graph.nodes)
             for (const [name, value] of Object.entries(settings[node.type] || {})) {
@@ -171,27 +246,57 @@ def test_queue_from_the_page_and_watch_it_finish(page, client, comfy_server, tmp
     seen = page.evaluate("() => seen")
     ends = [e for e in seen if e["type"].startswith("execution_")]
     assert ends[0]["type"] == "execution_success", ends
-    ids = {n["type"]: str(n["id"]) for n in json.loads((FOLDER / "train_and_sample.json").read_text())["nodes"]}
-    train_steps = [(e["value"], e["max"]) for e in seen if e["type"] == "progress" and e["node"] == ids[f"{OURS}Train"]]
+    ids = node_ids(path)
+    train_steps = [(e["value"], e["max"]) for e in seen if e["type"] == "progress" and e["node"] == str(ids[f"{OURS}Train"])]
     assert train_steps == [(1, 2), (2, 2)]  # the page got the training progress bar
-    shown = ["PreviewImage", "SaveImage", f"{OURS}LAGMaskPreview"]  # loss curve, render, mask preview
+    shown = ["loss curve", "samples", "SaveImage", f"{OURS}LAGMaskPreview"]  # and the render, the mask preview
     page.wait_for_function("ids => ids.every(id => app.graph.getNodeById(id).imgs?.[0]?.complete)",
-                           arg=[int(ids[t]) for t in shown])
+                           arg=[ids[t] for t in shown])
 
     history = client.history(ends[0]["prompt_id"])
     assert history["status"]["status_str"] == "success"
-    saved = history["outputs"][ids[f"{OURS}Save"]]["residual_name"][0]
+    # The sample grid on its node is the Train node's samples output: base, step 1, step 2 side by side.
+    [grid] = history["outputs"][str(ids["samples"])]["images"]
+    on_node = page.evaluate(SHOWN_IMAGE_JS, ids["samples"])
+    pixels = Image.open(io.BytesIO(client.download(grid)))
+    assert on_node == {"src": grid["filename"], "size": list(pixels.size)}
+    columns = 1 + TINY[f"{OURS}Train"]["steps"] // SAMPLES["sample_every"]
+    render = TINY[f"{OURS}Train"]["resolution"]  # the samples' size when training at under 256 px
+    assert pixels.width >= columns * render and pixels.height > render, f"not a grid of {columns} samples: {pixels.size}"
+    band = pixels.convert("L").crop((0, pixels.height - render, pixels.width, pixels.height))  # the images' row
+    assert band.getextrema()[0] < 250, "the grid shows no images, only its white background"
+    saved = history["outputs"][str(ids[f"{OURS}Save"])]["residual_name"][0]
     assert (comfy_server.loras / saved).is_file()
     shown_name = page.evaluate("id => app.graph.getNodeById(id).widgets.find(w => w.name === 'saved')?.value",
-                               int(ids[f"{OURS}Save"]))  # web/save_residual.js
+                               ids[f"{OURS}Save"])  # web/save_residual.js
     assert shown_name == f"saved models/loras/personalized_residuals/{saved}"
 
-    page.evaluate("() => app.extensionManager.command.execute('Comfy.Canvas.FitView')")
+    page.evaluate(COMMAND_JS, "Comfy.Canvas.FitView")
     page.wait_for_timeout(1000)
     screenshot = tmp_path / "web-ui.png"
     page.screenshot(path=str(screenshot), clip=page.evaluate(GRAPH_BOX_JS, [None, 24]))
     if os.environ.get("PERSONALIZED_RESIDUALS_SCREENSHOT"):
         shutil.copy(screenshot, os.environ["PERSONALIZED_RESIDUALS_SCREENSHOT"])
+    if PICTURES:
+        page.set_viewport_size({"width": 1920, "height": 1400})  # the whole graph at 80%: a zoom that draws text
+        page.wait_for_timeout(500)
+        page.evaluate("""() => { const ds = app.canvas.ds, s = 0.8;
+            const x = Math.min(...app.graph.nodes.map(n => n.pos[0])), y = Math.min(...app.graph.nodes.map(n => n.pos[1]));
+            ds.scale = s; ds.offset = [40 / s - x, 60 / s - y]; app.canvas.setDirty(true, true); }""")
+        page.wait_for_timeout(500)
+        save_picture(page.screenshot(clip=page.evaluate(GRAPH_BOX_JS, [None, 24])), ROOT / "docs" / "web-ui.png")
+        training = [ids[t] for t in ("CheckpointLoaderSimple", "concept photos (input/concept/)", f"{OURS}Train",
+                                     f"{OURS}Save", "loss curve", "samples")]
+        show_node(page, training[0])  # the top left one, at 100%
+        box = page.evaluate(GRAPH_BOX_JS, [training, 12])
+        box.update(y=box["y"] - 22, height=box["height"] + 22)  # and the pack's badges above the titles
+        save_picture(page.screenshot(clip=box), ROOT / "docs" / "train-samples.png")
+        page.set_viewport_size({"width": 1920, "height": 1000})
+
+
+def save_picture(png: bytes, path: Path) -> None:
+    """A screenshot as a PNG of 256 colours (a third of the size; the UI has few)."""
+    Image.open(io.BytesIO(png)).convert("RGB").quantize(256).save(path, optimize=True)
 
 
 # ---------------------------------------------------------------- help where the user is

@@ -20,8 +20,8 @@ pytestmark = pytest.mark.server
 SD15_PARAMETERS = 1_239_040  # ranks 16/32/64 on SD1.5's 16 proj_out (README)
 
 
-def node_of(graph, class_type):
-    return api_client().node_of(graph, class_type)
+def node_of(graph, class_type, title=None):
+    return api_client().node_of(graph, class_type, title)
 
 
 def picture(client, ref) -> np.ndarray:
@@ -55,7 +55,7 @@ def test_train_and_save_writes_the_residual_with_its_metadata_and_the_loss_curve
     assert meta.base_family == "sd1" and re.fullmatch(r"[0-9a-f]{16}", meta.base_hash)
     assert residual.num_parameters() == SD15_PARAMETERS
 
-    [curve] = trained.images(node_of(graph, "PreviewImage"))
+    [curve] = trained.images(node_of(graph, "PreviewImage", "loss curve"))
     assert curve["type"] == "temp"
     pixels = picture(client, curve)
     assert pixels.shape == (360, 640, 3) and pixels.std() > 0
@@ -84,8 +84,9 @@ def test_train_and_sample_in_one_graph(client, comfy_server):
     assert steps_reported(run, node_of(graph, "PersonalizedResidualTrain")) == [(1, 2), (2, 2)]
     saved = run.outputs[node_of(graph, "PersonalizedResidualSave")]["residual_name"][0]
     assert (comfy_server.loras / saved).is_file() and fileformat.load(str(comfy_server.loras / saved)).meta.seed == 1
-    for node in ("PreviewImage", "SaveImage", "PersonalizedResidualLAGMaskPreview"):
-        assert len(run.images(node_of(graph, node))) == 1, node
+    for node, title in (("PreviewImage", "loss curve"), ("PreviewImage", "samples"), ("SaveImage", None),
+                        ("PersonalizedResidualLAGMaskPreview", None)):
+        assert len(run.images(node_of(graph, node, title))) == 1, (node, title)
 
 
 def test_two_concepts_trained_and_sampled_in_one_graph(client, comfy_server):
@@ -115,7 +116,7 @@ def sdxl_residual(comfy_server):
     """A residual made for SDXL (real widths, on the meta device: shapes only), saved where Load Residual looks."""
     import comfy.supported_models
     import torch
-    from personalized_residuals.bench.comfyui_env import unet_config
+    from comfyui_models import unet_config
 
     config = unet_config(model_channels=320, num_res_blocks=[2, 2, 2], channel_mult=[1, 2, 4],
                          transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_middle=10,
