@@ -46,6 +46,11 @@ ON_CANCEL = ("discard", "keep")
 PREVIEW_EVERY = 10  # steps between the loss-curve previews sent to the node while training runs
 
 
+def preview_every(steps: int) -> int:
+    """Steps between live loss-curve previews: PREVIEW_EVERY, or half the run (at least one preview) when shorter."""
+    return max(1, min(PREVIEW_EVERY, steps // 2))
+
+
 def training_resolution(resolution: int, family: str, prediction: str) -> int:
     """The resolution input, with 0 meaning the family's native one (512 for a UNet of no known family)."""
     if resolution:
@@ -290,13 +295,15 @@ class TrainPersonalizedResidual(io.ComfyNode):
         title = f"{identifier} {class_word}"
         so_far = {}
         snapshots = samples.Snapshots(sample_every if prompts else 0, steps)
+        every = preview_every(steps)
 
         def on_step(step, losses):
             so_far["losses"] = losses
             snapshots.after_step(step, residual)
-            pbar.update(1)
-            if (step + 1) % PREVIEW_EVERY == 0 and step + 1 < steps:  # the loss curve so far, on the node
+            if (step + 1) % every == 0 and step + 1 < steps:  # the loss curve so far, on the node
                 pbar.update_absolute(step + 1, steps, ("PNG", loss_curve_picture(losses.tolist(), title), 640))
+            else:
+                pbar.update(1)
             comfy.model_management.throw_exception_if_processing_interrupted()
 
         started = time.perf_counter()

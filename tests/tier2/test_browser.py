@@ -239,6 +239,9 @@ def test_queue_from_the_page_and_watch_it_finish(page, client, comfy_server, tmp
         window.seen = [];
         for (const type of ['progress', 'executed', 'execution_success', 'execution_error'])
             app.api.addEventListener(type, e => window.seen.push({type, ...e.detail}));
+        // A live preview: the image goes to the node that sent it (its id in the metadata).
+        app.api.addEventListener('b_preview_with_metadata',
+            e => window.seen.push({type: 'preview', node: e.detail.nodeId, mime: e.detail.blob.type}));
     }""", settings)
 
     page.locator("[data-testid=queue-button]").click()
@@ -249,6 +252,12 @@ def test_queue_from_the_page_and_watch_it_finish(page, client, comfy_server, tmp
     ids = node_ids(path)
     train_steps = [(e["value"], e["max"]) for e in seen if e["type"] == "progress" and e["node"] == str(ids[f"{OURS}Train"])]
     assert train_steps == [(1, 2), (2, 2)]  # the page got the training progress bar
+    # and, while the node ran, the loss curve so far (a 2-step run shows one, after step 1)
+    train_events = [(i, e) for i, e in enumerate(seen) if e.get("node") == str(ids[f"{OURS}Train"])]
+    previews = [i for i, e in train_events if e["type"] == "preview"]
+    last_step = next(i for i, e in train_events if e["type"] == "progress" and e["value"] == e["max"])
+    assert previews and previews[0] < last_step, train_events
+    assert seen[previews[0]]["mime"] == "image/png"
     shown = ["loss curve", "samples", "SaveImage", f"{OURS}LAGMaskPreview"]  # and the render, the mask preview
     page.wait_for_function("ids => ids.every(id => app.graph.getNodeById(id).imgs?.[0]?.complete)",
                            arg=[ids[t] for t in shown])

@@ -110,3 +110,6 @@ def test_the_loss_curve_is_previewed_on_the_node_every_few_steps(sd15, clip, vae
     assert [v for v, _ in previews] == [train_node.PREVIEW_EVERY, 2 * train_node.PREVIEW_EVERY]
     kind, picture, size = previews[0][1]
     assert kind == "PNG" and isinstance(picture, Image.Image) and picture.size[0] <= size
+    previews.clear()  # a short run still shows one, halfway
+    _train(sd15, clip, vae, steps=5)
+    assert [v for v, _ in previews] == [2, 4]
