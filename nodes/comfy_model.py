@@ -12,7 +12,7 @@ import torch
 from comfy.model_base import ModelType
 from comfy.weight_adapter import LoRAAdapter
 
-from ..residual_core import SD_UNET, Family, ResidualError, Target, Tokenize, weights_hash
+from ..residual_core import SD_UNET, Family, ResidualError, SchedulePosition, Target, Tokenize, weights_hash
 
 _PREDICTIONS = {ModelType.EPS: "eps", ModelType.V_PREDICTION: "v"}
 
@@ -120,6 +120,18 @@ ENTRY_UUID, ENTRY_MODEL_CONDS, MODEL_CONDS_TOKENS = "uuid", "model_conds", "c_cr
 def entry_tokens(entry: dict) -> torch.Tensor | None:
     cond = entry.get(ENTRY_MODEL_CONDS, {}).get(MODEL_CONDS_TOKENS)
     return None if cond is None else cond.cond
+
+
+
+def schedule_position(model_options: dict, timestep: torch.Tensor) -> SchedulePosition | None:
+    """The sampler step a model evaluation belongs to, from transformer_options["sample_sigmas"] (the run's
+    schedule, set by CFGGuider.inner_sample; decreasing): the last of its sigmas at or above the evaluation's
+    (a sigma between two, as a two-stage sampler's, lies within that step). None without the schedule."""
+    sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
+    if sigmas is None or len(sigmas) < 2:
+        return None
+    at_or_above = int((sigmas.float() >= float(timestep[0]) * (1 - 1e-4)).sum())
+    return SchedulePosition(min(max(at_or_above - 1, 0), len(sigmas) - 2), len(sigmas) - 1)
 
 
 @dataclass(frozen=True)

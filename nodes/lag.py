@@ -35,6 +35,7 @@ from .comfy_model import (
     cond_entries,
     family_of,
     merge_cond_passes,
+    schedule_position,
     targets_of,
     tokenizer_of,
     unet_call_arg,
@@ -124,9 +125,10 @@ class LagPatch:
                     "ConditioningZeroOut and ConditioningAverage (below strength 1) change those tokens: apply them to "
                     "another prompt and combine it with the LAG positive.")
         if lag:  # an evaluation without the LAG prompt (SAG's extra pass on the negative) keeps the last masks
+            position = schedule_position(model_options, timestep)
             for s in self.sessions:
                 if s is not None:
-                    s.begin_evaluation(frozenset(e.frame for e in lag if e.active))
+                    s.begin_evaluation(frozenset(e.frame for e in lag if e.active), position)
         try:
             return executor(model, conds, x_in, timestep, model_options)
         except _LagFirst:  # ComfyUI ran a follower first (low memory, areas): LAG entries alone, then the rest
@@ -199,8 +201,9 @@ def mask_and_window_inputs(what: str, outside: str) -> list:
                        "one map for all blocks (their mean, from the previous step). lorashop: the last block's, for all "
                        "blocks. freefuse: one early block's at step 4, then fixed (no residual before it). +ema: smoothed "
                        "over steps. warmup (default; least bleeding between concepts in the README's measurement): "
-                       "per_block with no residual in the first 3 steps (warmup8: 8) while the layout settles. With "
-                       "several concepts the masks never overlap. All cost one model pass per step."),
+                       "per_block with no residual in the first 3 of every 25 steps (12% of the schedule; warmup8: 8 "
+                       "of 25) while the layout settles. With several concepts the masks never overlap. All cost one "
+                       "model pass per step."),
     ]
 
 

@@ -8,7 +8,7 @@ from .family import SD_UNET, AttentionSite, Family, layer_block
 from .hooks import Concept, attach, frozen
 from .images import MASK_MARKS, MAX_SIDE, MIN_SIDE, mask_warnings, photo_warnings, square_batch, square_masks
 from .lag import MASK_RULES, CallLayout, LagSession, check_rule, resolve_overlaps, threshold, token_attention
-from .masks import DEFAULT_MASK_STRATEGY, MASK_STRATEGIES, MaskStrategy, check_strategy
+from .masks import DEFAULT_MASK_STRATEGY, MASK_STRATEGIES, MaskStrategy, SchedulePosition, check_strategy
 from .residual import INITS, KINDS, UNMASKABLE, LowRankResidual, ResidualMeta, ResidualSet, low_rank, rank_for
 from .targets import Target, family_label, find_targets, model_family, weights_hash
 from .tokens import ConceptTokens, Tokenize, locate_concept
@@ -33,7 +33,8 @@ __all__ = [
     "layer_block", "locate_concept", "LossScaler", "low_rank", "LowRankResidual", "MASK_DILATION", "MASK_MARKS",
     "MASK_RULES", "MASK_STRATEGIES", "mask_warnings", "masked_mse", "MaskStrategy", "MAX_SIDE", "MIN_SIDE",
     "model_family", "native_resolution", "photo_prompts", "photo_warnings", "PhotoPrompts", "PREDICTIONS", "rank_for",
-    "ResidualError", "ResidualMeta", "ResidualSet", "resolve_overlaps", "SD_UNET", "square_batch", "square_masks",
+    "ResidualError", "ResidualMeta", "ResidualSet", "resolve_overlaps", "SchedulePosition", "SD_UNET",
+    "square_batch", "square_masks",
     "Target", "threshold", "token_attention", "Tokenize", "train_residual", "TrainConfig", "TrainingDiverged",
     "UNMASKABLE", "weights_hash",
 ]

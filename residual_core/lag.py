@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ResidualError, check_range
-from .masks import MaskStrategy
+from .masks import MaskStrategy, SchedulePosition
 
 MASK_RULES = ("max_fraction", "median", "mean", "soft")
 
@@ -187,12 +187,12 @@ class LagSession:
         self._new_evaluation()
         self.begin_call(CallLayout())
 
-    def begin_evaluation(self, lag_frames: frozenset = frozenset()) -> None:
+    def begin_evaluation(self, lag_frames: frozenset = frozenset(), position: SchedulePosition | None = None) -> None:
         """Start a model evaluation (every UNet call of one sampler step, ComfyUI's calc_cond_batch).
         lag_frames: the regions (None: the whole latent) of the LAG chunks that will run in it, so followers
         know which masks to wait for; none (every LAG entry out of its timestep range): followers get no mask,
-        and the base model samples."""
-        self.strategy.begin_evaluation()
+        and the base model samples. position: the sampler step it belongs to, if known."""
+        self.strategy.begin_evaluation(position)
         self._new_evaluation(lag_frames)
 
     def _new_evaluation(self, lag_frames: frozenset = frozenset()) -> None:

@@ -23,7 +23,10 @@ Sources (the first part of the name):
              again from the noise with the fixed masks) is restart(), costing `step` + 1 extra UNet calls.
 The nodes' default is warmup (per_block with a warm-up), picked by bench/pairs.py's numbers (README).
 Modifiers ("+"-joined): ema (maps smoothed over evaluations, per block: s = 0.5 s_prev + 0.5 s_now);
-warmup (no residual in the first 3 evaluations, or N with warmupN; maps are still recorded).
+warmup (no residual in the first 3 of 25 steps, or N of 25 with warmupN: a share of the run, the first
+N/25 of the sampler's schedule when the caller says where an evaluation sits in it (the nodes do, so a
+4-step sampler warms up for none and a 50-step one for 6); else the first N evaluations; maps are still
+recorded).
 
 State by lifetime: per run (reset()): the evaluation count, fixed, smoothed and previous maps; per model
 evaluation (begin_evaluation()): the maps the blocks of this evaluation have given (shared, lorashop).
@@ -33,6 +36,7 @@ A "step" is a model evaluation (one per step for DDIM/Euler; Heun-type samplers 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +50,7 @@ MASK_STRATEGIES = ("per_block", "shared", "lorashop", "freefuse", "ema", "warmup
                    "lorashop+warmup", "ema+warmup", "warmup8")
 DEFAULT_MASK_STRATEGY = "warmup"  # the nodes' default, picked by bench/pairs.py's numbers (README)
 EMA, WARMUP, FREEFUSE_STEP = 0.5, 3, 4
+WARMUP_OF = 25  # warm-up steps are counted out of this many: the world's sampler's, where they were measured
 
 Frame = tuple[int, int, int, int] | None
 ToMask = Callable[[torch.Tensor], torch.Tensor]  # attention [rows, N] -> mask [rows, N], the node's mask rule
@@ -108,6 +113,14 @@ def without_sinks(attn: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return flat.minimum(kth)
 
 
+
+@dataclass(frozen=True)
+class SchedulePosition:
+    """The sampler step a model evaluation belongs to: step (0 the first) of steps."""
+
+    step: int
+    steps: int
+
 class MaskStrategy:
     """One concept's mask strategy (see the module's docstring). block: the block key the single-block
     sources read (None: their default); step: the evaluation freefuse captures at."""
@@ -131,12 +144,15 @@ class MaskStrategy:
         self.smooth: dict[tuple, torch.Tensor] = {}  # ema: (block, frame) -> smoothed score
         self.previous: dict[Frame, dict] = {}  # shared / lorashop: the last complete evaluation's maps
         self.building: dict[Frame, dict] = {}  # ... and this evaluation's: frame -> {block: (score, grid)}
+        self.position: SchedulePosition | None = None
         self.restarted = carry is not None
         if carry is not None:
             self.fixed, self.chosen = carry
 
-    def begin_evaluation(self) -> None:
+    def begin_evaluation(self, position: SchedulePosition | None = None) -> None:
+        """position: the sampler step this evaluation belongs to, when the caller knows it."""
         self.evaluations += 1
+        self.position = position
         if self.evaluations > 0:
             for frame, maps in self.building.items():
                 if maps:
@@ -155,6 +171,14 @@ class MaskStrategy:
         """The current evaluation's index in the run (0: the first)."""
         return max(self.evaluations, 0)
 
+    @property
+    def warming(self) -> bool:
+        """In the warm-up: a step whose middle lies in the first warmup / WARMUP_OF of the schedule (3 of 25
+        steps, 6 of 50, none of 4), or (no position given) one of the first `warmup` evaluations."""
+        if self.position is None:
+            return self.now < self.warmup
+        return (self.position.step + 0.5) / self.position.steps < self.warmup / WARMUP_OF
+
     # ------------------------------------------------------------------ maps in, masks out
 
     def mask(self, block: tuple, frame: Frame, grid: tuple[int, int], attn: torch.Tensor | None, final: bool,
@@ -168,7 +192,7 @@ class MaskStrategy:
         out = self._source(frame, grid, attn, to_mask)
         if out is not None and self.ema is not None:
             out = self._smoothed(block, frame, out[1], final, to_mask)
-        if out is not None and self.now < self.warmup and not self.restarted:
+        if out is not None and self.warming and not self.restarted:
             zero = torch.zeros_like(out[0])
             out = (zero, zero)
         return out

@@ -16,7 +16,7 @@ from personalized_residuals.residual_core import (
     find_targets,
 )
 from personalized_residuals.residual_core.lag import threshold
-from personalized_residuals.residual_core.masks import FREEFUSE_STEP, WARMUP, resize_map, without_sinks
+from personalized_residuals.residual_core.masks import FREEFUSE_STEP, WARMUP, SchedulePosition, resize_map, without_sinks
 
 GRID = (4, 4)
 
@@ -65,6 +65,16 @@ def test_warmup_gives_zero_masks_before_n_evaluations_then_the_rule():
     s.begin_evaluation()
     assert not s.mask(("input", 1), None, GRID, maps(9), True, to_mask)[0].any()
 
+
+
+@pytest.mark.parametrize(("steps", "warm"), [(25, 3), (4, 0), (50, 6), (2, 0), (10, 1)])
+def test_warmup_is_a_share_of_the_schedule_when_the_caller_gives_the_step(steps, warm):
+    s = MaskStrategy("warmup")
+    zero = []
+    for step in range(steps):
+        s.begin_evaluation(SchedulePosition(step, steps))
+        zero.append(not s.mask(("input", 1), None, GRID, maps(step), True, to_mask)[0].any())
+    assert zero == [True] * warm + [False] * (steps - warm)
 
 def test_freefuse_masks_are_zero_before_step_k_then_fixed_from_the_chosen_block():
     block, other = ("output", 0), ("input", 1)

@@ -90,3 +90,19 @@ def test_a_clone_shares_the_lag_patch_and_its_wrappers(sd15, clip):
     for kind, method in ((WrappersMP.DIFFUSION_MODEL, patch.wrapper), (WrappersMP.CALC_COND_BATCH, patch.calc_cond_batch)):
         assert clone.get_wrappers(kind, PATCH_KEY) == [method]
     assert sd15.get_attachment(PATCH_KEY) is None, "the input MODEL is left as it was"
+
+
+def test_schedule_position_reads_sample_sigmas_at_each_evaluation(sd15, clip):
+    seen = []
+
+    def wrapper(executor, model, conds, x_in, timestep, model_options):
+        seen.append(comfy_model.schedule_position(model_options, timestep))
+        return executor(model, conds, x_in, timestep, model_options)
+
+    m = sd15.clone()
+    m.add_wrapper_with_key(WrappersMP.CALC_COND_BATCH, "pin", wrapper)
+    positive = comfy_nodes.CLIPTextEncode().encode(clip, PROMPT)[0]
+    ksample(m, positive, positive, steps=4, size=8)
+    # euler: one evaluation per step, at each step's sigma
+    assert [(p.step, p.steps) for p in seen] == [(0, 4), (1, 4), (2, 4), (3, 4)]
+    assert comfy_model.schedule_position({}, torch.tensor([1.0])) is None
