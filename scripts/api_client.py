@@ -7,8 +7,8 @@
 
 It drives ComfyUI's HTTP API with the pack's own API-format workflows (workflows/api/*.json): it uploads
 the photos to input/personalized_residuals/..., queues train_and_save, then load_and_sample once per
-prompt, prints progress from the /ws websocket, and downloads the loss curve, the renders and the LAG mask
-previews into --out. `--residual NAME` skips training and renders with a saved residual.
+prompt, prints progress from the /ws websocket, and downloads the loss curve, the sample grid, the renders
+and the LAG mask previews into --out. `--residual NAME` skips training and renders with a saved residual.
 
 `ComfyClient` is the reusable part: queue an API-format graph, follow it on /ws, read /history, download
 images. The pack's end-to-end tests drive the server with it.
@@ -247,9 +247,12 @@ def train(client: ComfyClient, args, out: Path) -> str:
     loader = set_inputs(graph, "LoadImageSetFromFolderNode", folder=folder, resize_method=args.resize)
     graph[loader]["_meta"] = {"title": f"photos (input/{folder}/)"}
     set_inputs(graph, "PersonalizedResidualTrain", class_word=args.class_word, identifier=args.identifier,
-               steps=args.steps, resolution=args.resolution, batch_size=args.batch_size, seed=args.seed)
+               steps=args.steps, resolution=args.resolution, batch_size=args.batch_size, seed=args.seed,
+               sample_steps=args.train_sample_steps)
     run = run_or_exit(client, graph, "training")
     save_images(client, run, node_of(graph, "PreviewImage", "loss curve"), out, "loss_curve")
+    if args.train_sample_steps:  # the sample grid: the training prompt by the base model and with the residual
+        save_images(client, run, node_of(graph, "PreviewImage", "samples"), out, "samples")
     saved = run.outputs[node_of(graph, "PersonalizedResidualSave")]["residual_name"][0]
     print(f"  saved models/loras/personalized_residuals/{saved}")
     return saved
@@ -285,6 +288,8 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--resolution", type=int, default=0,
                    help="0: the model's native one (512 for SD1.x, 768 for SD2.x-v, 1024 for SDXL)")
     t.add_argument("--batch-size", type=int, default=4)
+    t.add_argument("--train-sample-steps", type=int, default=20,
+                   help="steps per image of the sample grid saved as samples.png (0: no grid)")
     t.add_argument("--resize", default="None", choices=["None", "Stretch", "Crop", "Pad"],
                    help="how ComfyUI's folder loader treats photos of different sizes (None: they must match)")
     s = p.add_argument_group("rendering")

@@ -191,7 +191,8 @@ def test_the_headless_client_trains_from_a_folder_and_renders_prompts(comfy_serv
     write_photos(tmp_path / "photos")
     out = tmp_path / "out"
     done = run_client(comfy_server, "--photos", str(tmp_path / "photos"), "--class-word", "cat", "--identifier", "zwx",
-                      "--steps", "2", "--resolution", "64", "--batch-size", "2", "--out", str(out),
+                      "--steps", "2", "--resolution", "64", "--batch-size", "2", "--train-sample-steps", "2",
+                      "--out", str(out),
                       "--prompt", "a photo of a zwx cat on the beach", "--prompt", "a zwx cat in the snow")
     assert done.returncode == 0, done.stdout + done.stderr
     assert re.search(r"uploaded 3 photos to input/personalized_residuals/zwx_cat_[0-9a-f]{10}/", done.stdout)
@@ -200,6 +201,8 @@ def test_the_headless_client_trains_from_a_folder_and_renders_prompts(comfy_serv
     assert saved, done.stdout  # (two_concepts may have saved a zwx_cat before: any free number)
     assert fileformat.load(str(comfy_server.loras / saved.group(1))).meta.class_word == "cat"
     sizes = {p.name: Image.open(p).size for p in out.iterdir()}
+    grid = sizes.pop("samples.png", None)  # base and residual side by side, under the prompt's label
+    assert grid is not None and grid[0] >= 2 * 64 and grid[1] > 64, sizes
     assert sizes == {"loss_curve.png": (640, 360), "render_00.png": (64, 64), "render_01.png": (64, 64),
                      "lag_mask_00.png": (64, 64), "lag_mask_01.png": (64, 64)}
 
