@@ -27,7 +27,7 @@ from . import methods
 from .pairs import BASE, GLOBAL, MERGED, pairs_of, pairs_table, run_pairs
 from .pictures import grid_png, pair_grid, scatter_png
 from .world import oracle
-from .world.concepts import Concept, load_concepts
+from .world.concepts import Concept, evaluated_concepts, load_concepts
 from .world.model import WorldModel, to_latent
 from .world.scenes import SHAPES, distinct_colors, render
 
@@ -308,7 +308,7 @@ def main() -> None:
         if args.tune_only:
             return
     lrs = json.loads(lrs_path.read_text())["chosen"] if lrs_path.exists() else DEFAULT_LRS
-    evaluated = [c for name, c in concepts.items() if name not in tuning]
+    evaluated = evaluated_concepts()
     seeds = list(range(1 if args.quick else args.seeds))
     if args.quick:
         evaluated = evaluated[:2]
@@ -343,6 +343,12 @@ def main() -> None:
     scatter_png(out / "identity_vs_locality.png", summary)
     print(f"wrote {out}/report.md, grid.png, identity_vs_locality.png ({minutes:.1f} min)")
 
+
+
+def residual_lr() -> float:
+    """The residuals' learning rate: the one --tune picked (results/learning_rates.json), else the default."""
+    path = RESULTS / "learning_rates.json"
+    return json.loads(path.read_text())["chosen"]["residuals"] if path.exists() else DEFAULT_LRS["residuals"]
 
 def _edge_note(lrs: dict[str, float]) -> str:
     edge = [k for k, v in lrs.items() if k in TUNE_GRID and v in (min(TUNE_GRID[k]), max(TUNE_GRID[k]))]

@@ -29,10 +29,21 @@ import torch
 from personalized_residuals.residual_core import Concept as Attached
 from personalized_residuals.residual_core import ResidualSet, TrainConfig, attach, find_targets, train_residual
 
-from .evaluate import BATCH, IDENTIFIER, IMAGES, RANK_FRACTION, RESULTS, STEPS, concept_prompts, sample_prompts, score
+from .evaluate import (
+    BATCH,
+    IDENTIFIER,
+    IMAGES,
+    RANK_FRACTION,
+    RESULTS,
+    STEPS,
+    concept_prompts,
+    residual_lr,
+    sample_prompts,
+    score,
+)
 from .methods import Trained
 from .world import oracle
-from .world.concepts import Concept, load_concepts
+from .world.concepts import Concept, evaluated_concepts
 from .world.model import WorldModel, to_latent
 from .world.scenes import SHAPES, Obj, Scene, distinct_colors, place, render, shape_mask
 
@@ -134,13 +145,11 @@ def main() -> None:
     torch.manual_seed(0)
     started = time.time()
     model = WorldModel.load()
-    concepts, tuning = load_concepts()
-    evaluated = [c for name, c in concepts.items() if name not in tuning]
+    evaluated = evaluated_concepts()
     seeds = list(range(1 if args.quick else args.seeds))
     if args.quick or args.concepts:
         evaluated = evaluated[:1 if args.quick else args.concepts]
-    lrs = RESULTS / "learning_rates.json"
-    lr = json.loads(lrs.read_text())["chosen"]["residuals"] if lrs.exists() else 1e-3
+    lr = residual_lr()
     rows = run(model, evaluated, seeds, lr, log=lambda s: print(s, flush=True))
     summary = summarize(rows)
     minutes = (time.time() - started) / 60

@@ -296,9 +296,9 @@ def main() -> None:
     ap.add_argument("--triple-variants", default="", help="the same for the triples (default: --variants)")
     ap.add_argument("--out", default=str(RESULTS), help="folder for pairs.json, report.md's section, pairs_grid.png")
     args = ap.parse_args()
-    from .evaluate import RANK_FRACTION
+    from .evaluate import RANK_FRACTION, residual_lr
     from .pictures import pair_grid
-    from .world.concepts import load_concepts
+    from .world.concepts import evaluated_concepts
     from .world.model import WorldModel
 
     out = Path(args.out)
@@ -306,10 +306,8 @@ def main() -> None:
     torch.manual_seed(0)
     started = time.time()
     model = WorldModel.load()
-    concepts, tuning = load_concepts()
-    evaluated = [c for name, c in concepts.items() if name not in tuning]
-    lrs_path = RESULTS / "learning_rates.json"
-    lr = json.loads(lrs_path.read_text())["chosen"]["residuals"] if lrs_path.exists() else 1e-3
+    evaluated = evaluated_concepts()
+    lr = residual_lr()
     seeds = list(range(1 if args.quick else args.seeds))
     if args.seed_list:
         seeds = [int(v) for v in args.seed_list.split(",")]

@@ -296,6 +296,7 @@ def fit(
     if masks is not None:
         _check_masks(masks, latents)
         masks = latent_masks(masks.to(device), tuple(latents.shape[-2:]))
+        flipped_masks = masks.flip(-1) if config.flip else None  # once, as the flipped latents
     draws = _draw(config, latents.shape[0], alphas_cumprod.shape[0], tuple(latents.shape[1:]))
     t = draws.t.to(device)
     ab = alphas_cumprod.to(device, torch.float32)[t].view(*t.shape, 1, 1, 1)
@@ -310,7 +311,7 @@ def fit(
         mask = None if masks is None else masks[index[step]]
         if flip is not None:
             x0 = torch.where(flip[step], flipped_latents[index[step]], x0)
-            mask = None if mask is None else torch.where(flip[step], mask.flip(-1), mask)
+            mask = None if mask is None else torch.where(flip[step], flipped_masks[index[step]], mask)
         a, eps = ab[step], eps.to(device)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
         target = eps if prediction == "eps" else a.sqrt() * eps - (1 - a).sqrt() * x0

@@ -124,6 +124,12 @@ def random_pattern(rng: random.Random, background: str, shape: str) -> dict:
     return pattern | (dict([size]) if size else {})
 
 
+
+def evaluated_concepts() -> list[Concept]:
+    """The concepts the evaluation scores: all but the tuning ones."""
+    concepts, tuning = load_concepts()
+    return [c for name, c in concepts.items() if name not in tuning]
+
 def pattern_labels(obj: Obj, background: str, device: torch.device | str = "cpu") -> torch.Tensor:
     """Palette index per pixel [SIZE, SIZE] of a patterned object (meaningful inside its mask)."""
     kind, c1, c2, param = (torch.tensor(x, device=device) for x in pattern_numbers(obj.pattern, background))
