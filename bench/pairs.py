@@ -40,6 +40,7 @@ from .world import oracle
 from .world.concepts import Concept as WorldConcept
 from .world.model import to_latent
 from .world.scenes import COLOR_NAMES, IDENTIFIERS, MAX_WORDS, distinct_colors, render
+from .world.unet import attention_override
 
 IDS = IDENTIFIERS[:3]
 IMAGES = 4
@@ -84,7 +85,8 @@ STRATEGY_VARIANTS = {"both residuals, LAG": "per_block", "LAG shared": "shared",
                      "LAG freefuse": "freefuse", "LAG freefuse, restart": "freefuse", "LAG ema": "ema",
                      "LAG warmup": "warmup", "LAG shared+ema": "shared+ema", "LAG shared+warmup": "shared+warmup",
                      "LAG lorashop+warmup": "lorashop+warmup", "LAG ema+warmup": "ema+warmup",
-                     "LAG warmup 5": "warmup5", "LAG warmup 8": "warmup8"}
+                     "LAG warmup 5": "warmup5", "LAG warmup 8": "warmup8", "LAG bias": "bias",
+                     "LAG warmup+bias": "warmup+bias", "LAG warmup 8+bias": "warmup8+bias"}
 VARIANTS = (BASE, GLOBAL, MERGED, *STRATEGY_VARIANTS)
 
 
@@ -104,7 +106,7 @@ def _step(unet, sessions: list[LagSession], chosen: list[Concept], stop_when_fix
     """One UNet call of WorldModel.sample (one per step, batched [uncond; cond]): a model evaluation."""
     for s in sessions:
         s.begin_evaluation()
-    with attach(unet, chosen, call=CallLayout([1, 0])):
+    with attach(unet, chosen, call=CallLayout([1, 0])) as attached, attention_override(unet, attached.attention_override):
         yield
     if stop_when_fixed and all(s.strategy.fixed for s in sessions):
         raise _Fixed

@@ -5,14 +5,16 @@ assumption is pinned by tests/tier2/test_comfy_internals.py, which names it when
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
+import comfy.model_base
 import comfy.samplers
 import torch
 from comfy.model_base import ModelType
 from comfy.weight_adapter import LoRAAdapter
 
-from ..residual_core import SD_UNET, Family, ResidualError, SchedulePosition, Target, Tokenize, weights_hash
+from ..residual_core import FLUX, SD_UNET, Family, ResidualError, SchedulePosition, Target, Tokenize, weights_hash
 
 _PREDICTIONS = {ModelType.EPS: "eps", ModelType.V_PREDICTION: "v"}
 
@@ -21,23 +23,26 @@ def unet_of(model) -> torch.nn.Module:
     return model.get_model_object("diffusion_model")
 
 
-def family_of(model) -> Family:
-    """The core's description of the model's family: SD1.x, SD2.x and SDXL share one (UNets with
-    SpatialTransformers); the targets say which of them it is. Any other model (Flux, SD3, video DiTs: their
+def family_of(model, families: tuple[Family, ...] = (SD_UNET,)) -> Family:
+    """The core's description of the model's family, one of `families` (what the asking node supports): SD1.x,
+    SD2.x and SDXL share one (UNets with SpatialTransformers; the targets say which of them it is), Flux.1 models
+    (comfy.model_base.Flux: dev, schnell, their fine-tunes) another. Any other model (SD3, video DiTs: their
     BaseModel subclass and prediction type say so) is refused by name before anything looks for its layers."""
     base = model.model
-    if getattr(base, "model_type", None) not in _PREDICTIONS:
+    family = FLUX if isinstance(base, comfy.model_base.Flux) else \
+        SD_UNET if getattr(base, "model_type", None) in _PREDICTIONS else None
+    if family not in families:
         kind = getattr(getattr(base, "model_type", None), "name", "unknown")
+        flux = " (on Flux: LAG Sampler; training and LAG LoRA for Flux are in progress)" if family is FLUX else ""
         raise ResidualError(
-            f"This model is {type(base).__name__} ({kind} prediction): personalized residuals, LAG and LAG LoRA "
-            "support SD1.x, SD2.x and SDXL checkpoints for now (LAG for Flux is in progress). Load one of those with "
-            "a stock checkpoint loader."
+            f"This model is {type(base).__name__} ({kind} prediction): this node supports "
+            f"{', or '.join(f.name for f in families)} checkpoints{flux}. Load one of those with a stock loader."
         )
-    return SD_UNET
+    return family
 
 
-def targets_of(model) -> list[Target]:
-    return family_of(model).targets(unet_of(model))
+def targets_of(model, families: tuple[Family, ...] = (SD_UNET,)) -> list[Target]:
+    return family_of(model, families).targets(unet_of(model))
 
 
 def prediction_of(base_model) -> str:
@@ -85,27 +90,51 @@ def lora_weights(patch) -> LoraWeights | None:
     return LoraWeights(**dict(zip(LORA_WEIGHTS, patch.weights[:len(LORA_WEIGHTS)], strict=True)))
 
 
+def context_key(tokens: dict) -> str:
+    """Which of clip.tokenize()'s token lists (by encoder) the model's cross-attention context encodes: Flux's
+    T5-XXL ("t5xxl"; its CLIP-L, "l", only gives the pooled vector), else CLIP-L ("l": SD1.x; SDXL's "l" and
+    "g" share positions), else the only one (SD2.x's "h"). SD3 joins CLIP-L/G's tokens and T5's in one context:
+    "l" there, SD3 not being supported."""
+    if "t5xxl" in tokens and "g" not in tokens:
+        return "t5xxl"
+    return "l" if "l" in tokens else next(iter(tokens))
+
+
 def tokenizer_of(clip) -> Tokenize:
-    """The CLIP's tokenizer as chunks of token ids. SDXL's two encoders ("l", "g") share positions."""
+    """The tokenizer of the CLIP's context encoder (context_key) as chunks of token ids, with `pieces(ids)`, the
+    vocabulary's strings, for the token search's messages."""
 
     def tokenize(text: str) -> list[list[int]]:
         tokens = clip.tokenize(text)
-        chunks = tokens["l"] if "l" in tokens else next(iter(tokens.values()))
-        return [[t[0] if isinstance(t[0], int) else -1 for t in chunk] for chunk in chunks]
+        return [[t[0] if isinstance(t[0], int) else -1 for t in chunk] for chunk in tokens[context_key(tokens)]]
 
+    def pieces(ids: list[int]) -> list[str]:
+        key = context_key(clip.tokenize(""))  # the encoder's SDTokenizer: FluxTokenizer.t5xxl, SD1Tokenizer.clip_l
+        tokenizer = getattr(clip, "tokenizer", None)  # a CLIP stand-in may have none: ids then
+        side = getattr(tokenizer, key, None) or getattr(tokenizer, f"clip_{key}", None)
+        names = getattr(side, "inv_vocab", {})
+        return [names.get(i, str(i)) for i in ids]
+
+    tokenize.pieces = pieces
     return tokenize
 
 
 # ---------------------------------------------------------------- sampling calls (LAG)
 
-# UNetModel.forward hands its arguments to DIFFUSION_MODEL wrappers by position, in this order
-# (comfy/ldm/modules/diffusionmodules/openaimodel.py).
+# UNetModel.forward and Flux.forward hand their arguments to DIFFUSION_MODEL wrappers by position, in these
+# orders (comfy/ldm/modules/diffusionmodules/openaimodel.py, comfy/ldm/flux/model.py).
 UNET_CALL_ARGS = ("x", "timesteps", "context", "y", "control", "transformer_options")
+FLUX_CALL_ARGS = ("x", "timestep", "context", "y", "guidance", "ref_latents", "control", "transformer_options")
 
 
-def unet_call_arg(args: tuple, kwargs: dict, name: str, default=None):
-    """An argument of a UNet call as a DIFFUSION_MODEL wrapper receives it, by name."""
-    i = UNET_CALL_ARGS.index(name)
+def call_args_of(family: Family) -> tuple[str, ...]:
+    return FLUX_CALL_ARGS if family is FLUX else UNET_CALL_ARGS
+
+
+def unet_call_arg(args: tuple, kwargs: dict, name: str, default=None, order: tuple[str, ...] = UNET_CALL_ARGS):
+    """An argument of a diffusion model's call as a DIFFUSION_MODEL wrapper receives it, by name (`order`: the
+    model's, call_args_of)."""
+    i = order.index(name)
     return args[i] if len(args) > i else kwargs.get(name, default)
 
 
@@ -121,6 +150,30 @@ def entry_tokens(entry: dict) -> torch.Tensor | None:
     cond = entry.get(ENTRY_MODEL_CONDS, {}).get(MODEL_CONDS_TOKENS)
     return None if cond is None else cond.cond
 
+
+
+# The transformer_options key of an attention override: comfy/ldm/modules/attention.py's wrap_attn calls
+# options[ATTENTION_OVERRIDE](func, *args, **kwargs) in place of every optimized attention call (SD's attn1 and
+# attn2 alike), func being the attention function it replaces.
+ATTENTION_OVERRIDE = "optimized_attention_override"
+
+
+@contextmanager
+def attention_override(options: dict, chain):
+    """Within the scope, the UNet call's transformer_options hold chain(the override already there, or None):
+    another node's override keeps running inside ours. chain None: nothing changes."""
+    if chain is None:
+        yield
+        return
+    had, previous = ATTENTION_OVERRIDE in options, options.get(ATTENTION_OVERRIDE)
+    options[ATTENTION_OVERRIDE] = chain(previous)
+    try:
+        yield
+    finally:
+        if had:
+            options[ATTENTION_OVERRIDE] = previous
+        else:
+            options.pop(ATTENTION_OVERRIDE, None)
 
 
 def schedule_position(model_options: dict, timestep: torch.Tensor) -> SchedulePosition | None:

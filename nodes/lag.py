@@ -1,9 +1,11 @@
 """LAG Sampler (a MODEL patch in front of the stock KSampler) and LAG Mask Preview (after it).
 
-The patch is a DIFFUSION_MODEL wrapper: for each UNet call it attaches the residuals (and the LAG LoRAs of
-lora.py) with forward hooks (residual_core.attach) and removes them when the call returns. It replaces
-nothing: weight patches (a stock LoRA on the same proj_out), attention replace patches (IP-Adapter) and
-other wrappers run as before, and the model's weights are never touched.
+The patch is a DIFFUSION_MODEL wrapper: for each UNet (or Flux DiT) call it attaches the residuals (and the
+LAG LoRAs of lora.py) with forward hooks (residual_core.attach) and removes them when the call returns; when
+the core asks for an attention override (Flux's maps, the `bias` modifier) it is installed in the call's
+transformer_options in front of any other node's. It replaces nothing: weight patches (a stock LoRA on the
+same proj_out), attention replace patches (IP-Adapter), other overrides and wrappers run as before, and the
+model's weights are never touched.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from comfy_api.latest import io, ui
 
 from ..residual_core import (
     DEFAULT_MASK_STRATEGY,
+    FLUX,
     MASK_RULES,
     MASK_STRATEGIES,
+    SD_UNET,
     CallLayout,
     Concept,
     LagSession,
@@ -31,7 +35,9 @@ from ..residual_core import (
 )
 from .advice import in_ui_words
 from .comfy_model import (
+    attention_override,
     base_hash,
+    call_args_of,
     cond_entries,
     family_of,
     merge_cond_passes,
@@ -89,6 +95,7 @@ class LagPatch:
 
     def __init__(self, concepts: list[LagConcept], sessions: list[LagSession | None], family, targets):
         self.concepts, self.sessions, self.family, self.targets = concepts, sessions, family, targets
+        self.call_args = call_args_of(family)
         self.on_pre_run(None)
 
     def on_pre_run(self, patcher):
@@ -146,7 +153,7 @@ class LagPatch:
         return " and ".join(f"'{c.name}'" for c, s in zip(self.concepts, self.sessions, strict=True) if s is not None)
 
     def wrapper(self, executor, *args, **kwargs):
-        options = unet_call_arg(args, kwargs, "transformer_options", {})
+        options = unet_call_arg(args, kwargs, "transformer_options", {}, self.call_args)
         sigma = None
         if any(c.sigma_window for c in self.concepts) and "sigmas" in options:
             sigma = float(options["sigmas"].max())  # one host sync per call, only when a window is set
@@ -155,9 +162,11 @@ class LagPatch:
         if not active:
             return executor(*args, **kwargs)
         uuids = options.get("uuids")
-        layout = CallLayout(options.get("cond_or_uncond"), unet_call_arg(args, kwargs, "context"),
-                            [self.frames.get(u) for u in uuids] if uuids else None, self.latent)
-        with attach(executor.class_obj, active, call=layout, family=self.family, targets=self.targets):
+        x = unet_call_arg(args, kwargs, "x", order=self.call_args)
+        layout = CallLayout(options.get("cond_or_uncond"), unet_call_arg(args, kwargs, "context", order=self.call_args),
+                            [self.frames.get(u) for u in uuids] if uuids else None, self.latent, tuple(x.shape[-2:]))
+        with attach(executor.class_obj, active, call=layout, family=self.family, targets=self.targets) as attached, \
+                attention_override(options, attached.attention_override):
             if not self.reordered and any(c.lag is not None and c.lag.waiting for c in active):
                 raise _LagFirst
             return executor(*args, **kwargs)
@@ -202,8 +211,10 @@ def mask_and_window_inputs(what: str, outside: str) -> list:
                        "blocks. freefuse: one early block's at step 4, then fixed (no residual before it). +ema: smoothed "
                        "over steps. warmup (default; least bleeding between concepts in the README's measurement): "
                        "per_block with no residual in the first 3 of every 25 steps (12% of the schedule; warmup8: 8 "
-                       "of 25) while the layout settles. With several concepts the masks never overlap. All cost one "
-                       "model pass per step."),
+                       "of 25) while the layout settles. +bias (several concepts, SD): each concept's words are not "
+                       "attended inside the others' masks (FreeFuse v2's idea; in the README's measurement it did not "
+                       "reduce bleeding). With several concepts the masks never overlap. All cost one model pass per "
+                       "step."),
     ]
 
 
@@ -248,7 +259,7 @@ class LagSampler(io.ComfyNode):
         if mode not in MODES:
             raise ResidualError(f"mode must be one of {MODES}, got {mode!r}.")
         check_settings(strength, start_percent, end_percent, mask_rule, mask_value, mask_strategy)
-        targets = targets_of(model)
+        targets = targets_of(model, (SD_UNET, FLUX))
         residual.check_fits(targets)
         meta = residual.meta
         if mode == "LAG" and not (meta.class_word and meta.identifier):
@@ -292,7 +303,8 @@ def with_concept(model, concept: LagConcept, clip, prompt: str, targets):
     earlier = model.get_attachment(PATCH_KEY)  # concepts of LAG nodes earlier in the chain
     concepts = [*(earlier.concepts if earlier else []), concept]
     positive = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
-    patch = LagPatch(concepts, _sessions(concepts, clip, prompt, positive), family_of(model), targets)
+    family = family_of(model, (SD_UNET, FLUX))
+    patch = LagPatch(concepts, _sessions(concepts, clip, prompt, positive), family, targets)
     m = model.clone()  # the input MODEL keeps its own patch; this clone's replaces it
     m.remove_wrappers_with_key(WrappersMP.DIFFUSION_MODEL, PATCH_KEY)
     m.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, PATCH_KEY, patch.wrapper)

@@ -15,6 +15,15 @@ blocks of its depth. A layer that runs after some of them in a UNet call (attn2.
 and every layer of transformer_blocks[j > 0]) takes the mask of the depths seen so far; one that runs
 before any (proj_in, and attn1 and attn2.to_q of transformer_blocks[0]) takes the block's mask from the
 previous conditional call, and adds nothing before the first.
+
+Flux (FLUX): DiT blocks attend text and image tokens jointly, so a block's map is read from its attention call
+(attach installs an attention override; joint_attention.py) and every block's positions are the 2x2 patches
+of the call's latent. A residual goes on each double block's image-stream output projection
+(double_blocks.i.img_attn.proj) and each single block's linear2, whose tokens are [text; image]: the mask
+applies to the image rows; the text rows are unmaskable (applied or left out as such layers are). Layers of a
+double block's image stream (img_attn.qkv/proj, img_mlp) and a single block's linear1/linear2 take the block's
+mask; the text stream, the modulation layers and everything outside the blocks are unmaskable. Reference
+latents (Kontext) follow the image tokens; no mask applies to them.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .errors import ResidualError
 from .targets import Target, find_targets
 
 _TEXT_LAYER = re.compile(r"transformer_blocks\.\d+\.attn2\.to_[kv]")
@@ -53,13 +63,30 @@ class AttentionSite:
     heads: int
 
 
+# Which rows of a maskable layer's tokens are its block's positions (see Family.rows).
+ALL_ROWS, IMAGE_FIRST, TEXT_THEN_IMAGE = "all", "image first", "text then image"
+
+
+@dataclass(frozen=True)
+class JointAttention:
+    """How a DiT with joint text-image attention lays out its positions: `patch` latent pixels a side per image
+    token, and the module whose call holds each target block's one attention call."""
+
+    patch: int
+    block: Callable[[nn.Module, Target], nn.Module]
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
     targets: Callable[[nn.Module], list[Target]]  # where residuals go (a block each), in forward order
-    attention: Callable[[nn.Module, Target], list[AttentionSite]]  # the block's maps, averaged over the list
-    grid: Callable[[nn.Module, Target], nn.Module]  # the module whose input [B, C, H, W] lays out the positions
     mask_block: Callable[[str, list[Target]], tuple | None]  # the block whose mask a layer takes; None: unmaskable
+    # UNets: each block's maps from hooks on its attention's query and key modules (averaged over the list), its
+    # grid from the input [B, C, H, W] of the `grid` module. None for DiTs (`joint`).
+    attention: Callable[[nn.Module, Target], list[AttentionSite]] | None = None
+    grid: Callable[[nn.Module, Target], nn.Module] | None = None
+    joint: JointAttention | None = None
+    rows: Callable[[str], str] = lambda path: ALL_ROWS  # which of a maskable layer's token rows are positions
 
 
 def _submodule(root: nn.Module, path: str) -> nn.Module:
@@ -80,4 +107,41 @@ def _cross_attention(unet: nn.Module, target: Target) -> list[AttentionSite]:
 
 # SD1.x, SD2.x, SDXL: a residual on each SpatialTransformer's proj_out; its map from the cross-attention of
 # each of its transformer blocks (SDXL: 2 or 10).
-SD_UNET = Family("SD1.x / SD2.x / SDXL UNet", find_targets, _cross_attention, _spatial_transformer, layer_block)
+SD_UNET = Family("SD1.x, SD2.x and SDXL", find_targets, layer_block, _cross_attention, _spatial_transformer)
+
+
+# ---------------------------------------------------------------- Flux
+
+_FLUX_IMAGE = re.compile(r"double_blocks\.(\d+)\.(img_attn\.(qkv|proj)|img_mlp\.\d+)")
+_FLUX_JOINED = re.compile(r"single_blocks\.(\d+)\.linear[12]")
+
+
+def flux_targets(dit: nn.Module) -> list[Target]:
+    """Each double block's img_attn.proj, then each single block's linear2 (Flux.1: 19 + 38)."""
+    layers = [(f"double_blocks.{i}.img_attn.proj", ("double", i), b.img_attn.proj)
+              for i, b in enumerate(getattr(dit, "double_blocks", []))]
+    layers += [(f"single_blocks.{i}.linear2", ("single", i), b.linear2)
+               for i, b in enumerate(getattr(dit, "single_blocks", []))]
+    if not layers:
+        raise ResidualError("This model has no Flux double or single blocks; LAG for Flux needs a Flux model.")
+    return [Target(name, block, False, m.weight.shape[0], m.weight.shape[1], 1) for name, block, m in layers]
+
+
+def flux_mask_block(path: str, targets: list[Target]) -> tuple | None:
+    image = _FLUX_IMAGE.fullmatch(path)
+    if image:
+        return ("double", int(image.group(1)))
+    joined = _FLUX_JOINED.fullmatch(path)
+    return ("single", int(joined.group(1))) if joined else None
+
+
+def _flux_rows(path: str) -> str:
+    return TEXT_THEN_IMAGE if path.startswith("single_blocks.") else IMAGE_FIRST
+
+
+def _flux_block(dit: nn.Module, target: Target) -> nn.Module:
+    kind, i = target.block
+    return (dit.double_blocks if kind == "double" else dit.single_blocks)[i]
+
+
+FLUX = Family("Flux.1", flux_targets, flux_mask_block, joint=JointAttention(2, _flux_block), rows=_flux_rows)

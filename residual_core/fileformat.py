@@ -3,7 +3,9 @@
 Keys per layer: `lora_unet_<layer>.lora_down.weight` [r, in(, 1, 1)], `.lora_up.weight` [out, r(, 1, 1)]
 and `.alpha` (= r, so the scale is 1); 4-D for SD1.x's conv proj_out. Any LoRA loader that reads kohya
 files (ComfyUI's LoraLoaderModelOnly, A1111, kohya's tools) applies it as a global residual. The kohya
-names (diffusers' block numbering) live here only: a ResidualSet is keyed by module path.
+names (diffusers' block numbering for SD; the module path with underscores for Flux, as kohya's Flux LoRAs
+have it: lora_unet_double_blocks_0_img_attn_proj, lora_unet_single_blocks_0_linear2) live here only: a
+ResidualSet is keyed by module path.
 """
 
 from __future__ import annotations
@@ -25,10 +27,16 @@ from .targets import family_of
 _PER_LEVEL = 3
 _PATH = re.compile(r"(input_blocks|output_blocks)\.(\d+)\.1\.proj_out|middle_block\.1\.proj_out")
 _KOHYA = re.compile(r"lora_unet_(down|up)_blocks_(\d+)_attentions_(\d+)_proj_out|lora_unet_mid_block_attentions_0_proj_out")
+_FLUX_PATH = re.compile(r"(double_blocks\.\d+\.img_attn\.proj|single_blocks\.\d+\.linear2)")
+_FLUX_KOHYA = re.compile(r"lora_unet_(double|single)_blocks_(\d+)_(img_attn_proj|linear2)")
+_FLUX_LAYER = {"img_attn_proj": "img_attn.proj", "linear2": "linear2"}
 
 
 def kohya_key(path: str) -> str:
-    """'input_blocks.1.1.proj_out' -> 'lora_unet_down_blocks_0_attentions_0_proj_out' (and mid, up)."""
+    """'input_blocks.1.1.proj_out' -> 'lora_unet_down_blocks_0_attentions_0_proj_out' (and mid, up);
+    'double_blocks.0.img_attn.proj' -> 'lora_unet_double_blocks_0_img_attn_proj'."""
+    if _FLUX_PATH.fullmatch(path):
+        return "lora_unet_" + path.replace(".", "_")
     m = _PATH.fullmatch(path)
     if m is None:
         raise ResidualError(f"{path!r} is not a transformer block's proj_out of an SD UNet: no kohya name for it.")
@@ -42,6 +50,9 @@ def kohya_key(path: str) -> str:
 
 def module_path(key: str) -> str:
     """The inverse of kohya_key."""
+    flux = _FLUX_KOHYA.fullmatch(key)
+    if flux is not None:
+        return f"{flux.group(1)}_blocks.{flux.group(2)}.{_FLUX_LAYER[flux.group(3)]}"
     m = _KOHYA.fullmatch(key)
     if m is None:
         raise ResidualError(f"Layer {key} is not a transformer block's proj_out of an SD UNet; the file is damaged.")
@@ -95,17 +106,21 @@ def _layer_keys(names) -> list[str]:
             unknown.append(name)
         else:
             groups.add(name[: -len(suffix)])
-    proj = sorted(k for k in groups if k.startswith("lora_unet_") and k.endswith("_proj_out"))
+    proj = sorted(k for k in groups if _KOHYA.fullmatch(k) or _FLUX_KOHYA.fullmatch(k))
     if not proj:
         example = min(names, default="nothing")
         raise ResidualError(
-            f"This file has no proj_out residuals ({len(names)} tensors, e.g. {example!r}): it is not a personalized "
+            f"This file has no proj_out residuals (SD) nor img_attn.proj / linear2 ones (Flux) ({len(names)} tensors, "
+            f"e.g. {example!r}): it is not a personalized "
             "residual.", advice="regular_lora")
     other = unknown + sorted(k for k in groups if k not in proj)
     if other:
         raise ResidualError(
-            f"This file holds tensors besides proj_out residuals: {other[:3]} ({len(other)} in all). It is a "
+            f"This file holds tensors besides proj_out (SD) or img_attn.proj / linear2 (Flux) residuals: {other[:3]} "
+            f"({len(other)} in all). It is a "
             "regular LoRA or a damaged residual.", advice="regular_lora")
+    if any(_FLUX_KOHYA.fullmatch(k) for k in proj) and any(_KOHYA.fullmatch(k) for k in proj):
+        raise ResidualError("This file mixes SD UNet and Flux layers; no model has both. It is damaged.")
     for key in proj:
         if f"{key}.lora_down.weight" not in names or f"{key}.lora_up.weight" not in names:
             raise ResidualError(f"Layer {key} needs both lora_down.weight and lora_up.weight; the file is incomplete.")
@@ -150,7 +165,7 @@ def _build(keys: list[str], tensor, meta: dict[str, str]) -> ResidualSet:
                                      tensor(f"{k}.alpha")) for k in keys}
     if len({layer.conv for layer in layers.values()}) > 1:
         raise ResidualError("This file mixes conv (4-D) and linear (2-D) layers; no SD UNet has both. It is damaged.")
-    family = family_of(len(layers), {layer.up.shape[0] for layer in layers.values()}, next(iter(layers.values())).conv)
+    family = family_of(list(layers), {layer.up.shape[0] for layer in layers.values()}, next(iter(layers.values())).conv)
     if info.base_family and info.base_family != family:
         raise ResidualError(f"The file's metadata says it is for {info.base_family} but its tensors are shaped for "
                             f"{family}: the file was edited or damaged.")

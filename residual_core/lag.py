@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ResidualError, check_range
+from .joint_attention import text_attention
 from .masks import MaskStrategy, SchedulePosition
 
 MASK_RULES = ("max_fraction", "median", "mean", "soft")
@@ -119,6 +120,7 @@ class CallLayout:
     context: torch.Tensor | None = None
     frames: list[Frame | None] | None = None
     latent: tuple[int, int] | None = None
+    size: tuple[int, int] | None = None  # this call's latent (height, width): a DiT's positions are its patches
 
 
 @dataclass
@@ -275,15 +277,41 @@ class LagSession:
         q = call.q.pop(block, None)
         if q is None:
             return
-        attn = torch.cat([token_attention(call.rows(q, i), call.rows(k, i), heads,
-                                          cols if cols is not _ALL else self.columns(k.shape[1], k.device))
-                          for i, cols in call.lag])
+        self._record(block, torch.cat([token_attention(call.rows(q, i), call.rows(k, i), heads,
+                                                       cols if cols is not _ALL else self.columns(k.shape[1], k.device))
+                                       for i, cols in call.lag]))
+
+    def record_joint(self, block: tuple, q: torch.Tensor, k: torch.Tensor, text: int, positions: int) -> None:
+        """A DiT block's joint attention: q, k [batch, heads, text + image (+ references), d], text first; the map
+        over the first `positions` image tokens (see joint_attention.py)."""
+        call = self.call
+        if not call.lag:
+            return
+        self._record(block, torch.cat([text_attention(call.rows(q, i), call.rows(k, i), text,
+                                                      cols if cols is not _ALL else self.columns(text, q.device)
+                                                      )[:, :positions] for i, cols in call.lag]))
+
+    def _record(self, block: tuple, attn: torch.Tensor) -> None:
+        call = self.call
         call.maps[block] = call.maps[block] + attn if block in call.maps else attn
         call.depth[block] = call.depth.get(block, 0) + 1
 
     def seen(self, block: tuple) -> int:
         """How many of the block's transformer blocks (its depth) this call has recorded attention for."""
         return self.call.depth.get(block, 0)
+
+    def word_masks(self, block: tuple, tokens: int, positions: int, device: torch.device
+                   ) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """For the attention bias between concepts (attention_bias.py): per LAG chunk of this call whose region
+        has applied a mask in `block` (its last one, from an earlier call), (chunk, the key columns of the
+        concept's words among `tokens`, that mask [rows, positions])."""
+        call, out = self.call, []
+        for i, cols in call.lag:
+            last = self.last.get((block, call.frames[i]))
+            if last is None or last[0].shape[1] != positions:
+                continue
+            out.append((i, cols if cols is not _ALL else self.columns(tokens, device), last[0]))
+        return out
 
     # ------------------------------------------------------------------ masks out
 

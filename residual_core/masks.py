@@ -26,7 +26,8 @@ Modifiers ("+"-joined): ema (maps smoothed over evaluations, per block: s = 0.5 
 warmup (no residual in the first 3 of 25 steps, or N of 25 with warmupN: a share of the run, the first
 N/25 of the sampler's schedule when the caller says where an evaluation sits in it (the nodes do, so a
 4-step sampler warms up for none and a 50-step one for 6); else the first N evaluations; maps are still
-recorded).
+recorded); bias (attention bias, FreeFuse v2's idea: in a chain, this concept's words are not attended where
+another concept's mask lies; see attention_bias.py).
 
 State by lifetime: per run (reset()): the evaluation count, fixed, smoothed and previous maps; per model
 evaluation (begin_evaluation()): the maps the blocks of this evaluation have given (shared, lorashop).
@@ -44,10 +45,10 @@ import torch.nn.functional as F
 from .errors import ResidualError
 
 SOURCES = ("per_block", "shared", "lorashop", "freefuse")
-MODIFIERS = ("ema", "warmup")
+MODIFIERS = ("ema", "warmup", "bias")
 # What the nodes offer; any "source+modifier" name works in the core.
 MASK_STRATEGIES = ("per_block", "shared", "lorashop", "freefuse", "ema", "warmup", "shared+ema", "shared+warmup",
-                   "lorashop+warmup", "ema+warmup", "warmup8")
+                   "lorashop+warmup", "ema+warmup", "warmup8", "warmup+bias")
 DEFAULT_MASK_STRATEGY = "warmup"  # the nodes' default, picked by bench/pairs.py's numbers (README)
 EMA, WARMUP, FREEFUSE_STEP = 0.5, 3, 4
 WARMUP_OF = 25  # warm-up steps are counted out of this many: the world's sampler's, where they were measured
@@ -130,6 +131,7 @@ class MaskStrategy:
         self.source, mods = parse_strategy(name)
         self.ema = EMA if "ema" in mods else None
         self.warmup = (mods["warmup"] if mods["warmup"] is not None else WARMUP) if "warmup" in mods else 0
+        self.bias = "bias" in mods  # read by hooks.attach: keep this concept's words out of the others' masks
         self.block, self.step = block, step
         self.reset()
 

@@ -161,16 +161,19 @@ class ResidualSet(nn.Module):
     kind "residual": a trained personalized residual, one layer on every target (each block's proj_out),
     with the concept's metadata. kind "lora": a LoRA file's layers, on any Linear or 1x1-conv module.
     With LAG, the layers a spatial mask can apply to (the family says which: Family.mask_block) are masked
-    by their block's mask and the others are applied everywhere (unmaskable "global") or left out ("skip").
+    by their block's mask and the others are applied everywhere (unmaskable "global") or left out ("skip"),
+    as are the text rows of a layer over [text; image] tokens (Flux's linear2). A residual's default is "skip":
+    under LAG it acts on the image only (on SD every residual layer is maskable, so it never matters there).
     Without LAG every layer applies everywhere: the LoRA as a weight merge would give it, up to rounding.
     File names (kohya's) are the file format's business (fileformat.py), not this container's.
     """
 
     def __init__(self, layers: dict[str, LowRankResidual], meta: ResidualMeta | None = None, kind: str = "residual",
-                 unmaskable: str = "global"):
+                 unmaskable: str | None = None):
         super().__init__()
         if kind not in KINDS:
             raise ResidualError(f"kind must be one of {KINDS}, got {kind!r}.")
+        unmaskable = unmaskable or ("skip" if kind == "residual" else "global")
         if unmaskable not in UNMASKABLE:
             raise ResidualError(f"unmaskable must be one of {UNMASKABLE}, got {unmaskable!r}.")
         self.paths = list(layers)

@@ -58,12 +58,17 @@ def find_targets(unet: nn.Module) -> list[Target]:
 
 def model_family(targets: list[Target]) -> str:
     """A short name for the UNet family the targets come from, written into residual files."""
-    return family_of(len(targets), {t.out_dim for t in targets}, targets[0].conv)
+    return family_of([t.name for t in targets], {t.out_dim for t in targets}, targets[0].conv)
 
 
-def family_of(layers: int, dims: set[int], conv: bool) -> str:
-    """The family name from the proj_out layout: how many layers, their widths, conv or linear."""
-    dims = sorted(dims)
+def family_of(paths: list[str], dims: set[int], conv: bool) -> str:
+    """The family name from the residual layers' layout: their paths (how many, SD's proj_out or Flux's blocks),
+    their widths, conv or linear."""
+    dims, layers = sorted(dims), len(paths)
+    if paths[0].startswith(("double_blocks.", "single_blocks.")):
+        doubles = sum(p.startswith("double_blocks.") for p in paths)
+        return "flux" if (doubles, layers - doubles, dims) == (19, 38, [3072]) else \
+            f"custom-flux-{doubles}+{layers - doubles}x{'-'.join(map(str, dims))}"
     if layers == 16 and dims == [320, 640, 1280]:
         return "sd1" if conv else "sd2"
     if layers == 11 and dims == [640, 1280] and not conv:
@@ -73,7 +78,9 @@ def family_of(layers: int, dims: set[int], conv: bool) -> str:
 
 def family_label(family: str) -> str:
     """The name users know a family by, for messages."""
-    return {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}.get(family, "a custom UNet")
+    if family.startswith("custom-flux"):
+        return "a custom Flux"
+    return {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "flux": "Flux.1"}.get(family, "a custom UNet")
 
 
 def weights_hash(weights: list[torch.Tensor]) -> str:

@@ -38,13 +38,13 @@ def weights_hash(model) -> str:
     return h.hexdigest()
 
 
-def ksample(model, positive, negative, cfg=4.0, steps=3, size=8, batch=1, seed=0):
+def ksample(model, positive, negative, cfg=4.0, steps=3, size=8, batch=1, seed=0, channels=4):
     """The stock KSampler's sampling (common_ksampler) on an empty latent, under inference mode as ComfyUI runs it."""
     import torch
 
     import nodes as comfy_nodes
 
-    latent = {"samples": torch.zeros(batch, 4, size, size)}
+    latent = {"samples": torch.zeros(batch, channels, size, size)}  # Flux: 16 channels
     with torch.inference_mode():
         return comfy_nodes.common_ksampler(model, seed, steps, cfg, "euler", "normal", positive, negative, latent)[0]["samples"]
 
@@ -74,8 +74,8 @@ def train(model, clip, vae, images, **overrides):
 def concept_residual(model, seed=0):
     """A residual with random factors for `model`, made for the concept 'sks dog'."""
     from personalized_residuals.nodes.comfy_model import targets_of
-    from personalized_residuals.residual_core import ResidualSet
+    from personalized_residuals.residual_core import FLUX, SD_UNET, ResidualSet
 
-    residual = ResidualSet.for_targets(targets_of(model), 0.25, "random", seed)
+    residual = ResidualSet.for_targets(targets_of(model, (SD_UNET, FLUX)), 0.25, "random", seed)
     residual.meta.class_word, residual.meta.identifier = "dog", "sks"
     return residual

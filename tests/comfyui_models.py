@@ -183,6 +183,29 @@ def build_clip(kind="sd1", width: int = 32):
     return clip
 
 
+def build_flux_clip(width: int = 32):
+    """Flux's comfy.sd.CLIP: its real FluxTokenizer (CLIP-L's 77-token chunks, and T5-XXL's sentencepiece
+    tokens, one chunk padded to 256) and ComfyUI's own FluxClipModel with both encoders shrunk to 2 layers
+    `width` wide through ComfyUI's per-encoder config overrides ("<model_name>_model_config"), random weights.
+    Its conditioning is Flux's: a [1, T, width] T5 context (T = 256 for a short prompt; build_flux(context_dim=
+    width) reads it) with CLIP-L's pooled vector, `width` wide, as "pooled_output" (build_flux's vec_dim)."""
+    import comfy.sd
+    import comfy.supported_models_base
+    import comfy.text_encoders.flux
+    import torch
+
+    heads = 2
+    clip_l = {"hidden_size": width, "intermediate_size": 2 * width, "num_attention_heads": heads,
+              "num_hidden_layers": 2, "projection_dim": width}
+    t5 = {"d_model": width, "d_kv": width // heads, "num_heads": heads, "d_ff": 2 * width, "num_layers": 2}  # vocab: T5's 32128
+    target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.flux.FluxTokenizer,
+                                                    comfy.text_encoders.flux.flux_clip())
+    clip = comfy.sd.CLIP(target, model_options={"clip_l_model_config": clip_l, "t5xxl_model_config": t5})
+    with torch.inference_mode():
+        randomize(clip.cond_stage_model, 6, scale=0.1)
+    return clip
+
+
 class SDXLTextStandIn:
     """SDXL's real two-encoder tokenizer, with a random embedding table in place of CLIP-L/G (2.5 GB of
     weights): tokenize() and encode_from_tokens_scheduled() as comfy.sd.CLIP has them."""

@@ -10,9 +10,11 @@ with it. At SD1.5's widths on the meta device it gives SD1.5's exact proj_out sh
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 
@@ -54,11 +56,23 @@ class ResBlock(nn.Module):
         return self.skip_connection(x) + self.out_layers(h)
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: torch.Tensor | None = None,
+              **_) -> torch.Tensor:
+    """Multi-head attention on [B, tokens, heads*d] (ComfyUI's optimized_attention without skip_reshape); mask:
+    additive logits broadcast to [B, heads, N, T]."""
+    q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=heads) for t in (q, k, v))
+    return rearrange(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), "b h n d -> b n (h d)")
+
+
 class CrossAttention(nn.Module):
+    """override: None, or called as override(attention, q, k, v, heads) in its place (ComfyUI's
+    optimized_attention_override, which the residual core's attention bias uses); see attention_override()."""
+
     def __init__(self, query_dim: int, context_dim: int, heads: int, dim_head: int):
         super().__init__()
         inner = heads * dim_head
         self.heads = heads
+        self.override = None
         self.to_q = nn.Linear(query_dim, inner, bias=False)
         self.to_k = nn.Linear(context_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim, inner, bias=False)
@@ -67,10 +81,9 @@ class CrossAttention(nn.Module):
     def forward(self, x, context=None):
         context = x if context is None else context
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
-        b, h = x.shape[0], self.heads
-        q, k, v = (t.view(b, -1, h, t.shape[-1] // h).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, h * q.shape[-1])
-        return self.to_out(out)
+        if self.override is not None:
+            return self.to_out(self.override(attention, q, k, v, self.heads))
+        return self.to_out(attention(q, k, v, self.heads))
 
 
 class GEGLU(nn.Module):
@@ -208,6 +221,21 @@ class SDUNet(nn.Module):
         for block in self.output_blocks:
             h = block(torch.cat([h, hs.pop()], dim=1), emb, context)
         return self.out(h)
+
+
+@contextmanager
+def attention_override(unet: nn.Module, chain):
+    """Route every attention of `unet` through chain(None) (hooks.Attached.attention_override) for the scope;
+    chain None: nothing changes."""
+    layers = [m for m in unet.modules() if isinstance(m, CrossAttention)] if chain is not None else []
+    override = chain(None) if layers else None
+    for m in layers:
+        m.override = override
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.override = None
 
 
 def sd15_shaped(device: str | torch.device = "meta") -> SDUNet:

@@ -181,3 +181,27 @@ def test_a_plain_kohya_file_with_only_proj_out_keys_loads_without_metadata(tmp_p
     loaded = fileformat.load(_write(tmp_path, sd))
     assert loaded.meta.class_word == "" and all(layer.scale == 1.0 for layer in loaded.layers.values())
     assert loaded.meta.base_family.startswith("custom-11x"), "the family is read from the tensors"
+
+
+def test_flux_residual_names_are_kohyas_flux_names_and_round_trip(tmp_path):
+    from personalized_residuals.residual_core import Target, model_family
+
+    def flux_targets(doubles, singles, dim):
+        return ([Target(f"double_blocks.{i}.img_attn.proj", ("double", i), False, dim, dim, 1) for i in range(doubles)]
+                + [Target(f"single_blocks.{i}.linear2", ("single", i), False, dim, 5 * dim, 1) for i in range(singles)])
+
+    targets = flux_targets(2, 3, 16)
+    r = ResidualSet.for_targets(targets, 0.25, init="random", seed=1)
+    assert fileformat.kohya_key("double_blocks.1.img_attn.proj") == "lora_unet_double_blocks_1_img_attn_proj"
+    assert fileformat.kohya_key("single_blocks.12.linear2") == "lora_unet_single_blocks_12_linear2"
+    path = str(tmp_path / "flux.safetensors")
+    fileformat.save(r, path)
+    back = fileformat.load(path)
+    assert back.meta.base_family == model_family(targets) == "custom-flux-2+3x16"
+    assert all(torch.equal(back.layers[k].weight_delta(), layer.weight_delta()) for k, layer in r.layers.items())
+    assert model_family(flux_targets(19, 38, 3072)) == "flux"
+    sd = fileformat.to_state_dict(r)
+    mixed = {**sd, **fileformat.to_state_dict(ResidualSet.for_targets(
+        [Target("middle_block.1.proj_out", ("middle", 0), False, 16, 16, 1)], 0.25))}
+    with pytest.raises(ResidualError, match="mixes SD UNet and Flux layers"):
+        fileformat.from_state_dict(mixed)

@@ -106,3 +106,55 @@ def test_schedule_position_reads_sample_sigmas_at_each_evaluation(sd15, clip):
     # euler: one evaluation per step, at each step's sigma
     assert [(p.step, p.steps) for p in seen] == [(0, 4), (1, 4), (2, 4), (3, 4)]
     assert comfy_model.schedule_position({}, torch.tensor([1.0])) is None
+
+
+def test_ATTENTION_OVERRIDE_runs_every_sd_attention_with_attn2_right_after_its_to_k(sd15, clip):
+    """The attention bias relies on this: the override replaces each attention call of SD's transformer blocks,
+    q and k as [B, tokens, heads*d], and attn2's call follows its to_k with nothing between."""
+    events = []
+
+    def override(func, *args, **kwargs):
+        q, k = args[0], args[1]
+        events.append(("attention", q.shape[1], k.shape[1], kwargs.get("skip_reshape", False)))
+        return func(*args, **kwargs)
+
+    unet = comfy_model.unet_of(sd15)
+    to_k = [m.attn2.to_k for m in unet.modules() if hasattr(m, "attn2")]
+    handles = [m.register_forward_hook(lambda *_: events.append(("to_k",))) for m in to_k]
+    m = sd15.clone()
+    m.model_options.setdefault("transformer_options", {})[comfy_model.ATTENTION_OVERRIDE] = override
+    positive = comfy_nodes.CLIPTextEncode().encode(clip, PROMPT)[0]
+    try:
+        ksample(m, positive, positive, steps=1, size=8)
+    finally:
+        for h in handles:
+            h.remove()
+    after_k = [events[i + 1] for i, e in enumerate(events) if e == ("to_k",)]
+    assert after_k and all(e[0] == "attention" and e[2] == 77 and not e[3] for e in after_k)
+    self_attention = [e for e in events if e[0] == "attention" and e[2] != 77]
+    assert len(self_attention) == len(after_k), "attn1 goes through the override too"
+
+
+def test_attention_override_chains_and_restores_the_call_options():
+    calls = []
+
+    def theirs(func, *args, **kwargs):
+        calls.append("theirs")
+        return func(*args, **kwargs)
+
+    def ours(previous):
+        def attend(func, *args, **kwargs):
+            calls.append("ours")
+            return previous(func, *args, **kwargs)
+        return attend
+
+    options = {comfy_model.ATTENTION_OVERRIDE: theirs}
+    with comfy_model.attention_override(options, ours):
+        options[comfy_model.ATTENTION_OVERRIDE](lambda *a, **k: None, 1, 2, 3, 4)
+    assert calls == ["ours", "theirs"] and options == {comfy_model.ATTENTION_OVERRIDE: theirs}
+    empty = {}
+    with comfy_model.attention_override(empty, None):
+        assert empty == {}
+    with comfy_model.attention_override(empty, ours):
+        assert comfy_model.ATTENTION_OVERRIDE in empty
+    assert empty == {}

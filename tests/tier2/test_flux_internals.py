@@ -93,7 +93,7 @@ def test_the_map_reads_the_concepts_columns_from_the_overrides_q_and_k(flux):
     assert patch_grid(maps[0], *LATENT).shape == (1, *LATENT)
 
 
-def test_each_node_refuses_a_flux_model_by_name_until_flux_is_supported(flux, sd15, clip, vae, loras_dir):
+def test_training_and_lag_lora_refuse_flux_by_name_and_lag_sampler_an_sd_residual(flux, sd15, clip, vae, loras_dir):
     from comfy_env import concept_residual, run, train
     from personalized_residuals.nodes.lag import LagSampler
     from personalized_residuals.nodes.lora import LagLora
@@ -103,15 +103,16 @@ def test_each_node_refuses_a_flux_model_by_name_until_flux_is_supported(flux, sd
     photos = [torch.rand(1, 64, 64, 3)]
     refusals = {
         "train": lambda: train(flux, clip, vae, photos),
-        "LAG Sampler": lambda: run(LagSampler, flux, concept_residual(sd15), clip, "a photo of a sks dog", mode="LAG",
-                                   strength=1.0, mask_rule="max_fraction", mask_value=0.5, start_percent=0.0,
-                                   end_percent=1.0),
         "LAG LoRA": lambda: run(LagLora, model=flux, clip=clip, lora_name="sd.safetensors", trigger_word="sks",
                                 class_word="dog", prompt="a photo of a sks dog", strength=1.0,
                                 unmaskable_layers="apply globally", mask_rule="max_fraction", mask_value=0.5,
                                 start_percent=0.0, end_percent=1.0),
     }
     for node, make in refusals.items():
-        with pytest.raises(ResidualError, match=r"This model is Flux \(FLUX prediction\).*SD1.x, SD2.x and SDXL"):
+        with pytest.raises(ResidualError, match=r"This model is Flux \(FLUX prediction\).*SD1.x, SD2.x and SDXL "
+                                                r"checkpoints \(on Flux: LAG Sampler"):
             make()
         print(f"{node}: refused")
+    with pytest.raises(ResidualError, match="made for a custom UNet.*the model is a custom Flux"):
+        run(LagSampler, flux, concept_residual(sd15), clip, "a photo of a sks dog", mode="LAG", strength=1.0,
+            mask_rule="max_fraction", mask_value=0.5, start_percent=0.0, end_percent=1.0)

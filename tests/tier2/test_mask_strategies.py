@@ -4,6 +4,7 @@ import comfy.samplers
 import pytest
 import torch
 from comfy_env import concept_residual, ksample, run
+from personalized_residuals.nodes import comfy_model
 from personalized_residuals.nodes.lag import PATCH_KEY, LagSampler
 from personalized_residuals.residual_core import DEFAULT_MASK_STRATEGY, MASK_STRATEGIES, MaskStrategy, ResidualError, lag
 from personalized_residuals.residual_core.masks import FREEFUSE_STEP, WARMUP_OF
@@ -66,3 +67,27 @@ def test_two_concepts_one_model_evaluation_per_step_masks_never_overlap(strategy
     assert any(float(a.sum()) > 0 for (step, a), _ in pairs if not warming[step]), "the first concept applies after it"
     if strategy == "freefuse":  # nothing before the masks are fixed
         assert all(float(a.sum()) == 0 and float(b.sum()) == 0 for (step, a), (_, b) in pairs if step < FREEFUSE_STEP)
+
+
+def test_the_bias_reaches_the_attention_and_another_nodes_override_still_runs(sd15, clip):
+    """'bias': each concept's words are kept out of the other's mask, through an attention override installed for
+    each UNet call in front of any other node's (which still sees every attention call, now with our mask)."""
+    negative = comfy_nodes.CLIPTextEncode().encode(clip, "")[0]
+    seen = []
+
+    def theirs(func, *args, **kwargs):
+        mask = args[4] if len(args) > 4 else kwargs.get("mask")
+        seen.append(mask is not None)
+        return func(*args, **kwargs)
+
+    outs, counts = {}, {}
+    for strategy in ("per_block", "bias"):
+        m, positive = _chain(sd15, clip, strategy)
+        m.model_options.setdefault("transformer_options", {})[comfy_model.ATTENTION_OVERRIDE] = theirs
+        seen.clear()
+        outs[strategy] = ksample(m, positive, negative, steps=3)
+        counts[strategy] = (len(seen), sum(seen))
+        assert m.model_options["transformer_options"][comfy_model.ATTENTION_OVERRIDE] is theirs
+    assert counts["per_block"][0] == counts["bias"][0], "another node's override runs for every attention call"
+    assert counts["per_block"][1] == 0 and counts["bias"][1] > 0, "our bias is handed on as the attention's mask"
+    assert not torch.allclose(outs["per_block"], outs["bias"])

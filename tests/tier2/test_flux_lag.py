@@ -1,0 +1,179 @@
+"""LAG on Flux through the core (residual_core.attach with the FLUX family), on ComfyUI's own Flux class (small,
+random weights): maps from the joint attention through the attention override, masks on the image tokens of
+img_attn.proj and linear2, text rows of linear2 as unmaskable layers."""
+
+import pytest
+import torch
+from comfy_env import SKIPPED
+
+pytestmark = pytest.mark.skipif(SKIPPED is not None, reason=str(SKIPPED))
+
+TEXT, LATENT = 6, (8, 12)  # 6 text tokens; an 8x12 latent: 4x6 = 24 image tokens
+
+
+@pytest.fixture(scope="module")
+def flux():
+    from comfyui_models import build_flux
+
+    return build_flux()
+
+
+def residual(flux, seed=1, unmaskable="global"):
+    from personalized_residuals.residual_core import ResidualSet
+    from personalized_residuals.residual_core.family import FLUX
+
+    r = ResidualSet.for_targets(FLUX.targets(flux.model.diffusion_model), 0.25, init="random", seed=seed)
+    r.unmaskable = unmaskable
+    return r
+
+
+def sample_call(flux, x, context, concepts=(), override=None, steps=1):
+    """`steps` calls of the DiT on the same input, LAG's concepts attached to each as ComfyUI's wrapper would."""
+    from personalized_residuals.nodes.comfy_model import attention_override
+    from personalized_residuals.residual_core import CallLayout, attach
+    from personalized_residuals.residual_core.family import FLUX
+
+    dit = flux.model.diffusion_model
+    outs = []
+    for _ in range(steps):
+        for c in concepts:
+            if c.lag is not None:
+                c.lag.begin_evaluation()
+        options = {} if override is None else {"optimized_attention_override": override}
+        layout = CallLayout([0], context, size=tuple(x.shape[-2:]))
+        with torch.inference_mode(), attach(dit, list(concepts), call=layout, family=FLUX) as attached, \
+                attention_override(options, attached.attention_override):
+            outs.append(dit(x, torch.tensor([0.5]), context, y=torch.zeros(1, 32), guidance=torch.tensor([3.5]),
+                            transformer_options=options))
+    return outs
+
+
+def lag(rule=("max_fraction", 0.5), strategy="per_block", positions=(2, 3)):
+    from personalized_residuals.residual_core import LagSession
+
+    return LagSession(list(positions), TEXT, *rule, strategy=strategy)
+
+
+def test_ones_give_the_global_residual_zeros_the_base_and_the_model_is_unchanged(flux):
+    from personalized_residuals.residual_core import Concept
+
+    torch.manual_seed(0)
+    x, context = torch.randn(1, 16, *LATENT), torch.randn(1, TEXT, 32)
+    before = {k: v.clone() for k, v in flux.model.diffusion_model.state_dict().items()}
+    r = residual(flux)
+    base = sample_call(flux, x, context)[0]
+    everywhere = sample_call(flux, x, context, [Concept(r)])[0]
+    ones = sample_call(flux, x, context, [Concept(r, 1.0, lag(("max_fraction", 1e-9)))])[0]
+    # zero masks (the warm-up's first step), the text rows of linear2 left out: the base model
+    warming = sample_call(flux, x, context, [Concept(residual(flux, unmaskable="skip"), 1.0, lag(strategy="warmup"))])[0]
+    half = sample_call(flux, x, context, [Concept(r, 1.0, lag())])[0]
+    assert not torch.equal(base, everywhere)
+    assert torch.equal(ones, everywhere), "a mask of ones is the global residual"
+    assert torch.equal(warming, base), "a mask of zeros is the base model"
+    assert not torch.equal(half, base) and not torch.equal(half, everywhere)
+    after = flux.model.diffusion_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "the model's weights changed"
+
+
+def test_masks_lie_on_the_patch_grid_of_every_block_and_text_rows_follow_the_unmaskable_policy(flux):
+    from personalized_residuals.residual_core import Concept
+
+    torch.manual_seed(1)
+    x, context = torch.randn(1, 16, *LATENT), torch.randn(1, TEXT, 32)
+    session = lag()
+    sample_call(flux, x, context, [Concept(residual(flux), 1.0, session)])
+    dit = flux.model.diffusion_model
+    blocks = [("double", i) for i in range(len(dit.double_blocks))] + [("single", i) for i in range(len(dit.single_blocks))]
+    means = session.mean_masks()
+    assert sorted(means) == sorted(blocks)
+    assert all(m.shape == (1, 24) and 0 < float(m.mean()) < 1 for m in means.values())
+    ones = ("max_fraction", 1e-9)
+    kept = sample_call(flux, x, context, [Concept(residual(flux), 1.0, lag(ones))])[0]
+    skipped = sample_call(flux, x, context, [Concept(residual(flux, unmaskable="skip"), 1.0, lag(ones))])[0]
+    assert not torch.equal(kept, skipped), "the text rows of linear2 were not left out with 'skip'"
+
+
+def test_another_nodes_override_still_runs_and_two_concepts_never_overlap(flux):
+    from personalized_residuals.residual_core import Concept
+
+    torch.manual_seed(2)
+    x, context = torch.randn(1, 16, *LATENT), torch.randn(1, TEXT, 32)
+    calls = []
+
+    def theirs(func, *args, **kwargs):
+        calls.append(1)
+        return func(*args, **kwargs) * 0.5
+
+    a, b = lag(positions=(1, 2)), lag(positions=(4, 5))
+    applied = []
+    record = type(a).applied
+
+    def spy(self, block, grid, mask, score):
+        applied.append((self, block, mask.clone()))
+        return record(self, block, grid, mask, score)
+
+    type(a).applied = spy
+    try:
+        out = sample_call(flux, x, context, [Concept(residual(flux, 1), 1.0, a), Concept(residual(flux, 2), 1.0, b)],
+                          override=theirs, steps=2)
+    finally:
+        type(a).applied = record
+    dit = flux.model.diffusion_model
+    assert len(calls) == 2 * (len(dit.double_blocks) + len(dit.single_blocks)), "their override saw every attention"
+    theirs_alone = sample_call(flux, x, context, override=theirs)[0]
+    assert not torch.equal(out[0], theirs_alone)
+    by_block = {}
+    for s, block, mask in applied:
+        by_block.setdefault(block, {}).setdefault(s is a, []).append(mask)
+    for per in by_block.values():
+        for ma, mb in zip(per[True], per[False], strict=True):
+            assert not (ma * mb).any(), "two concepts' masks overlap"
+
+
+@pytest.fixture(scope="module")
+def flux_clip():
+    from comfyui_models import build_flux_clip
+
+    return build_flux_clip()
+
+
+PROMPT = "a photo of a sks dog on the beach"
+
+
+def test_lag_sampler_on_flux_through_the_ksampler(flux, flux_clip, loras_dir, monkeypatch):
+    """The LAG Sampler node on a Flux model, sampled by the stock KSampler (cfg 1, guidance-distilled as dev is):
+    one model evaluation per step, the model unchanged after, mode global equal to the saved file in ComfyUI's own
+    LoRA loading, and LAG neither of them nor the base."""
+    import comfy.samplers
+    from comfy_env import concept_residual, ksample, run, stock_lora, weights_hash
+    from personalized_residuals.nodes.lag import PATCH_KEY, LagMaskPreview, LagSampler
+
+    import nodes as comfy_nodes
+
+    residual = concept_residual(flux, seed=4)
+    negative = comfy_nodes.CLIPTextEncode().encode(flux_clip, "")[0]
+    settings = {"strength": 1.0, "mask_rule": "max_fraction", "mask_value": 0.5, "start_percent": 0.0,
+                "end_percent": 1.0, "mask_strategy": "per_block"}
+    before = weights_hash(flux)
+    sample = lambda m, positive: ksample(m, positive, negative, cfg=1.0, steps=3, size=8, channels=16)  # noqa: E731
+    lagged, positive = run(LagSampler, flux, residual, flux_clip, PROMPT, mode="LAG", **settings)
+    calls, original = [], comfy.samplers.calc_cond_batch
+
+    def count(*a, **kw):
+        calls.append(1)
+        return original(*a, **kw)
+
+    monkeypatch.setattr(comfy.samplers, "calc_cond_batch", count)
+    lag_out = sample(lagged, positive)
+    assert len(calls) == 3, "one model evaluation per step"
+    means = lagged.get_attachment(PATCH_KEY).sessions[0].mean_masks()
+    assert len(means) == 4 and all(m.shape == (1, 16) and 0 < float(m.mean()) < 1 for m in means.values())
+    preview = run(LagMaskPreview, lagged, {"samples": lag_out})[0]  # the 4x4 patch grid drawn over the 8x8 latent
+    assert preview.shape == (1, 64, 64, 3) and 0 < float(preview.mean()) < 1
+    everywhere = sample(run(LagSampler, flux, residual, flux_clip, PROMPT, mode="global", **settings)[0], positive)
+    stock = sample(stock_lora(flux, residual, loras_dir), positive)
+    base = sample(flux, positive)
+    torch.testing.assert_close(everywhere, stock, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(stock, base, atol=1e-4), "the stock loader did not apply the saved file"
+    assert not torch.allclose(lag_out, everywhere, atol=1e-4) and not torch.allclose(lag_out, base, atol=1e-4)
+    assert weights_hash(flux) == before, "the Flux model changed"
