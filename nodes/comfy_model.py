@@ -33,7 +33,7 @@ def family_of(model, families: tuple[Family, ...] = (SD_UNET,)) -> Family:
         SD_UNET if getattr(base, "model_type", None) in _PREDICTIONS else None
     if family not in families:
         kind = getattr(getattr(base, "model_type", None), "name", "unknown")
-        flux = " (on Flux: LAG Sampler; training and LAG LoRA for Flux are in progress)" if family is FLUX else ""
+        flux = " (on Flux: LAG Sampler, LAG LoRA and training)" if family is FLUX else ""
         raise ResidualError(
             f"This model is {type(base).__name__} ({kind} prediction): this node supports "
             f"{', or '.join(f.name for f in families)} checkpoints{flux}. Load one of those with a stock loader."
@@ -46,12 +46,15 @@ def targets_of(model, families: tuple[Family, ...] = (SD_UNET,)) -> list[Target]
 
 
 def prediction_of(base_model) -> str:
-    """'eps' or 'v' for a comfy BaseModel; other model types are not SD-style UNets."""
+    """'eps' or 'v' for an SD UNet, 'flow' for Flux (comfy's FLUX model type: rectified flow, the model's raw output
+    the velocity eps - x0, its sigmas model_sampling.sigmas); other model types are refused."""
+    if isinstance(base_model, comfy.model_base.Flux):
+        return "flow"
     kind = getattr(base_model, "model_type", None)
     if kind not in _PREDICTIONS:
         raise ResidualError(
             f"This model predicts {getattr(kind, 'name', kind)}; personalized residuals support SD1.x, SD2.x and SDXL "
-            "checkpoints (epsilon or v prediction)."
+            "checkpoints (epsilon or v prediction) and Flux.1."
         )
     return _PREDICTIONS[kind]
 
@@ -98,6 +101,25 @@ def context_key(tokens: dict) -> str:
     if "t5xxl" in tokens and "g" not in tokens:
         return "t5xxl"
     return "l" if "l" in tokens else next(iter(tokens))
+
+
+def check_companions(model, family: Family, clip=None, vae=None) -> None:
+    """A CLIP or VAE of another model family than `model`'s (Flux's T5 text encoder or 16-channel VAE with an SD
+    UNet, or the reverse) is refused, naming both sides, before either runs: the mismatch would otherwise surface
+    as a shape error deep inside the model."""
+    label = family.name
+    if clip is not None and hasattr(clip, "tokenize"):
+        flux_clip = context_key(clip.tokenize("")) == "t5xxl"
+        if flux_clip != (family is FLUX):
+            kind = "Flux's text encoders (T5-XXL and CLIP-L)" if flux_clip else "an SD text encoder (no T5-XXL)"
+            fix = ("a DualCLIPLoader of type flux (t5xxl and clip_l)" if family is FLUX
+                   else "the checkpoint's own CLIP output")
+            raise ResidualError(f"clip is {kind} but the model is {label}: connect {fix}.")
+    channels = getattr(getattr(model.model, "latent_format", None), "latent_channels", None)
+    got = getattr(vae, "latent_channels", None)
+    if vae is not None and None not in (channels, got) and got != channels:
+        raise ResidualError(f"vae makes {got}-channel latents but the model ({label}) takes {channels}-channel ones: "
+                            "connect the model's own VAE (Flux.1: ae.safetensors).")
 
 
 def tokenizer_of(clip) -> Tokenize:

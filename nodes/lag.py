@@ -38,6 +38,7 @@ from .comfy_model import (
     attention_override,
     base_hash,
     call_args_of,
+    check_companions,
     cond_entries,
     family_of,
     merge_cond_passes,
@@ -304,6 +305,7 @@ def with_concept(model, concept: LagConcept, clip, prompt: str, targets):
     concepts = [*(earlier.concepts if earlier else []), concept]
     positive = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
     family = family_of(model, (SD_UNET, FLUX))
+    check_companions(model, family, clip)
     patch = LagPatch(concepts, _sessions(concepts, clip, prompt, positive), family, targets)
     m = model.clone()  # the input MODEL keeps its own patch; this clone's replaces it
     m.remove_wrappers_with_key(WrappersMP.DIFFUSION_MODEL, PATCH_KEY)

@@ -17,9 +17,9 @@ import comfy.lora_convert
 import folder_paths
 from comfy_api.latest import io
 
-from ..residual_core import ResidualError, ResidualSet, family_label, fileformat, low_rank, model_family
+from ..residual_core import FLUX, SD_UNET, ResidualError, ResidualSet, family_label, fileformat, low_rank, model_family
 from .advice import in_ui_words
-from .comfy_model import LoraWeights, family_of, lora_weights, targets_of
+from .comfy_model import LoraWeights, check_companions, family_of, lora_weights, unet_of
 from .lag import LEGACY_STRATEGY, LagConcept, check_settings, mask_and_window_inputs, sigma_window, with_concept
 from .residual_type import CATEGORY
 
@@ -55,14 +55,15 @@ def _check_shape(key: str, w: LoraWeights, weight, family: str) -> None:
                             f"for {family}.")
 
 
-def split_lora(model, clip, sd: dict, targets) -> tuple[dict, dict, dict]:
+def split_lora(model, clip, sd: dict, targets, family) -> tuple[dict, dict, dict]:
     """The file's layers as (masked: UNet path -> LowRankResidual, unmaskable UNet patches, text-encoder patches),
-    the patches keyed as ComfyUI's add_patches takes them."""
+    the patches keyed as ComfyUI's add_patches takes them. A patch on part of a weight (diffusers' Flux LoRAs: q,
+    k and v each on a slice of Flux's fused qkv or linear1) is unmaskable."""
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     if hasattr(clip, "cond_stage_model"):
         key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
     patches = comfy.lora.load_lora(comfy.lora_convert.convert_lora(sd), key_map)
-    family = family_label(model_family(targets))
+    label = family_label(model_family(targets))
     masked, unmaskable, text_encoder = {}, {}, {}
     for key, patch in patches.items():
         if not _name(key).startswith(_UNET):
@@ -71,17 +72,17 @@ def split_lora(model, clip, sd: dict, targets) -> tuple[dict, dict, dict]:
         path = _name(key)[len(_UNET):].rsplit(".", 1)[0]
         weight = model.get_model_object(_name(key))
         if lora_weights(patch) is not None and isinstance(key, str):
-            _check_shape(key, lora_weights(patch), weight, family)
+            _check_shape(key, lora_weights(patch), weight, label)
         factors = _maskable_factors(key, patch)
-        if factors is None or family_of(model).mask_block(path, targets) is None:
+        if factors is None or family.mask_block(path, targets) is None:
             unmaskable[key] = patch
             continue
         masked[path] = low_rank(factors.up.float(), factors.down.float(), factors.alpha, conv=weight.ndim == 4)
     if not masked:
         if not unmaskable and not text_encoder:
-            raise ResidualError(f"This LoRA has no layers for this model ({family}): none of its {len(sd)} tensors "
+            raise ResidualError(f"This LoRA has no layers for this model ({label}): none of its {len(sd)} tensors "
                                 f"names one of its layers (e.g. {min(sd, default='nothing')!r}). It was made for "
-                                f"another model; pick a LoRA made for {family}.")
+                                f"another model; pick a LoRA made for {label}.")
         where = "only the text encoder" if not unmaskable else \
             f"no layer inside the transformer blocks that a mask can apply to (e.g. {_name(min(unmaskable, key=_name))})"
         raise ResidualError(f"This LoRA changes {where}, so LAG has nothing to mask. Load it with the stock LoraLoader, "
@@ -111,7 +112,7 @@ class LagLora(io.ComfyNode):
                 io.Clip.Input("clip", tooltip="The checkpoint's CLIP: encodes the prompt and finds the trigger word's "
                               "tokens."),
                 io.Combo.Input("lora_name", options=lora_names(), tooltip="A .safetensors LoRA in models/loras/, made "
-                               "for this model's family (SD1.x, SD2.x or SDXL)."),
+                               "for this model's family (SD1.x, SD2.x, SDXL or Flux.1)."),
                 io.String.Input("trigger_word", default="sks", tooltip="The LoRA's trigger word (identifier), as it "
                                 "appears in the prompt, e.g. 'sks' or 'ohwx'."),
                 io.String.Input("class_word", default="dog", tooltip="The class of the LoRA's subject, written right "
@@ -124,7 +125,8 @@ class LagLora(io.ComfyNode):
                 io.Combo.Input("unmaskable_layers", options=list(UNMASKABLE_LAYERS), default=UNMASKABLE_LAYERS[0],
                                tooltip="The layers a spatial mask can't apply to (cross-attention to_k/to_v, which act "
                                "on the prompt's tokens; layers outside the transformer blocks; the text encoder's; "
-                               "LoHa/LoKr/3x3-conv layers): 'apply globally' patches them in everywhere as the stock "
+                               "LoHa/LoKr/3x3-conv layers; on Flux the text stream, the modulation layers and the text "
+                               "rows of the single blocks): 'apply globally' patches them in everywhere as the stock "
                                "loader does (at every step); 'skip' leaves them out (more local, maybe less like the "
                                "LoRA)."),
                 *mask_and_window_inputs("the masked layers", "Layers applied globally act at every step."),
@@ -159,8 +161,10 @@ class LagLora(io.ComfyNode):
         if path is None:
             raise ResidualError(f"No LoRA {lora_name!r} in models/loras/. Pick one from the list (press R in the UI to "
                                 "refresh it).")
-        targets = targets_of(model)
-        masked, unmaskable, text_encoder = split_lora(model, clip, fileformat.read_tensors(path), targets)
+        family = family_of(model, (SD_UNET, FLUX))
+        check_companions(model, family, clip)
+        targets = family.targets(unet_of(model))
+        masked, unmaskable, text_encoder = split_lora(model, clip, fileformat.read_tensors(path), targets, family)
         apply_everywhere = unmaskable_layers == "apply globally"
         window = sigma_window(model, start_percent, end_percent)
         logging.info("LAG LoRA %s: %d layers masked, %d UNet and %d text-encoder layers %s.", os.path.basename(lora_name),
@@ -171,8 +175,8 @@ class LagLora(io.ComfyNode):
         if apply_everywhere and text_encoder:
             clip = clip.clone()
             clip.add_patches(text_encoder, strength)
-        concept = LagConcept(ResidualSet(masked, kind="lora"), trigger_word, class_word, strength, (mask_rule, mask_value),
-                             window, mask_strategy)
+        layers = ResidualSet(masked, kind="lora", unmaskable="global" if apply_everywhere else "skip")  # Flux: text rows
+        concept = LagConcept(layers, trigger_word, class_word, strength, (mask_rule, mask_value), window, mask_strategy)
         m, positive = with_concept(model, concept, clip, prompt, targets)
         if apply_everywhere and unmaskable:
             m.add_patches(unmaskable, strength)

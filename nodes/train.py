@@ -13,10 +13,12 @@ from comfy_api.latest import io
 
 from ..residual_core import (
     DEFAULT_RESOLUTION,
+    FLUX,
     INITS,
     MASK_MARKS,
     MAX_SIDE,
     MIN_SIDE,
+    SD_UNET,
     ResidualError,
     ResidualMeta,
     ResidualSet,
@@ -36,7 +38,7 @@ from ..residual_core import (
 )
 from . import samples
 from .advice import in_ui_words
-from .comfy_model import base_hash, prediction_of, targets_of, tokenizer_of
+from .comfy_model import base_hash, check_companions, family_of, prediction_of, tokenizer_of, unet_of
 from .pictures import loss_curve, loss_curve_picture
 from .precision import autocast_dtype, compute_dtype, loss_scaler, training_attention
 from .residual_type import CATEGORY, Residual
@@ -80,8 +82,8 @@ class _TrainingRun(comfy.samplers.Sampler):
     (load the model to its device, prepare the conditioning, SDXL's size embedding included) before
     handing over the model; the loop itself is residual_core.train_residual."""
 
-    def __init__(self, residual, config, targets, flipped_latents, on_step, prompts, masks):
-        self.residual, self.config, self.targets = residual, config, targets
+    def __init__(self, residual, config, family, targets, flipped_latents, on_step, prompts, masks):
+        self.residual, self.config, self.family, self.targets = residual, config, family, targets
         self.flipped, self.on_step = flipped_latents, on_step
         self.prompts, self.masks = prompts, masks  # PhotoPrompts; subject masks [N, H, W] or None
         self.losses = None
@@ -102,8 +104,10 @@ class _TrainingRun(comfy.samplers.Sampler):
                      str(autocast or compute_dtype(base)).removeprefix("torch."),
                      ", with loss scaling" if self.scaler is not None else "")
 
-        def denoise(x_t, t, k):  # DDPM x_t, integer t, prompt k -> the raw eps / v, via ComfyUI's own model call
+        def denoise(x_t, t, k):  # x_t, integer t, prompt k -> the raw eps / v / velocity, via ComfyUI's model call
             s = schedule[t].view(-1, 1, 1, 1)
+            if prediction == "flow":  # x_t = (1 - s) x0 + s eps is the model's input; denoised = x_t - s * velocity
+                return (x_t - comfy.samplers.calc_cond_batch(base, [conds[k]], x_t, schedule[t], model_options)[0]) / s
             x = x_t * (s * s + 1).sqrt()
             denoised = comfy.samplers.calc_cond_batch(base, [conds[k]], x, schedule[t], model_options)[0]
             if prediction == "eps":
@@ -112,9 +116,10 @@ class _TrainingRun(comfy.samplers.Sampler):
 
         flipped = None if self.flipped is None else base.process_latent_in(self.flipped.to(latent_image.device))
         self.losses = train_residual(
-            self.residual, base.diffusion_model, self.prompts.denoiser(denoise), latent_image, 1 / (1 + schedule**2),
+            self.residual, base.diffusion_model, self.prompts.denoiser(denoise), latent_image,
+            schedule if prediction == "flow" else 1 / (1 + schedule**2),
             prediction, self.config, flipped, self.on_step, autocast, targets=self.targets, scaler=self.scaler,
-            masks=self.masks,
+            masks=self.masks, family=self.family,
         )
         if self.scaler is not None and self.scaler.skipped:
             logging.info("Train Personalized Residual: %d of %d steps skipped for float16 gradient overflow (loss scale "
@@ -130,13 +135,14 @@ class TrainPersonalizedResidual(io.ComfyNode):
             display_name="Train Personalized Residual",
             category=CATEGORY,
             description=(
-                "Personalize Stable Diffusion: teach the model a new concept from a few photos, as DreamBooth does, "
-                "by training small LoRA-style low-rank residuals on the output projection of every transformer block "
-                "(Personalized Residuals, Ham et al., CVPR 2024). The model itself is not changed."
+                "Personalize Stable Diffusion (or Flux.1): teach the model a new concept from a few photos, as "
+                "DreamBooth does, by training small LoRA-style low-rank residuals on the output projection of every "
+                "transformer block (Personalized Residuals, Ham et al., CVPR 2024). The model itself is not changed."
             ),
             is_input_list=True,  # photos of different sizes may arrive as a list (e.g. from a folder loader)
             inputs=[
-                io.Model.Input("model", tooltip="The checkpoint's MODEL (SD1.x, SD2.x or SDXL). It stays unchanged."),
+                io.Model.Input("model", tooltip="The checkpoint's MODEL (SD1.x, SD2.x, SDXL or Flux.1). It stays "
+                               "unchanged."),
                 io.Clip.Input("clip", tooltip="The checkpoint's CLIP, to encode the training prompt once."),
                 io.Vae.Input("vae", tooltip="The checkpoint's VAE, to encode the photos once."),
                 io.Image.Input("images", tooltip="Photos of the concept (4-6 is typical): a batch, or a list of "
@@ -157,7 +163,7 @@ class TrainPersonalizedResidual(io.ComfyNode):
                              "inputs, same residual (so it stays fixed between runs, unlike a sampler's seed)."),
                 io.Int.Input("resolution", default=0, min=0, max=4096, step=64, tooltip="Training resolution in "
                              "pixels. 0: the model's native one (512 for SD1.x and SD2.x-base, 768 for SD2.x-v, 1024 "
-                             "for SDXL)."),
+                             "for SDXL and Flux.1)."),
                 io.Boolean.Input("flip", default=False, tooltip="Also train on horizontally flipped photos. Leave "
                                  "off for asymmetric concepts (text, logos)."),
                 io.Combo.Input("init", options=list(INITS), default="zero", tooltip="zero: the untrained residual "
@@ -185,8 +191,8 @@ class TrainPersonalizedResidual(io.ComfyNode):
                 io.Int.Input("sample_every", default=0, min=0, max=10000, optional=True, tooltip="Also render the "
                              "residual as it was every this many steps (a column each). 0: only at the end."),
                 io.Int.Input("sample_steps", default=20, min=0, max=100, optional=True, tooltip="Sampling steps per "
-                             f"sample image (euler, cfg {CFG:g}, {SAMPLE_SIZE} px or the training resolution if "
-                             "smaller, seed = the training seed). 0: no samples."),
+                             f"sample image (euler, cfg {CFG:g}; Flux: 1, guidance-distilled; {SAMPLE_SIZE} px or the "
+                             "training resolution if smaller, seed = the training seed). 0: no samples."),
                 io.Mask.Input("masks", optional=True, tooltip="Optional: one subject mask per photo, same order and "
                               "size as the photos (a MASK batch, or a list). The loss then counts only the subject "
                               "(plus a band of 8 px at SD's scale around it), so the residual stops learning the "
@@ -253,7 +259,9 @@ class TrainPersonalizedResidual(io.ComfyNode):
             check_range("resolution", resolution, MIN_SIDE, MAX_SIDE, "Use 0 for the model's native one.")
             if resolution % 8:
                 raise ResidualError(f"resolution must be a multiple of 8 (the VAE's scale), got {resolution}.")
-        targets = targets_of(model)  # refuses a model of another family by name
+        family = family_of(model, (SD_UNET, FLUX))  # refuses a model of another family by name
+        check_companions(model, family, clip, vae)
+        targets = family.targets(unet_of(model))
         prediction = prediction_of(model.model)
         resolution = training_resolution(resolution, model_family(targets), prediction)
         prompt = f"a photo of a {identifier} {class_word}"
@@ -311,7 +319,7 @@ class TrainPersonalizedResidual(io.ComfyNode):
         try:
             with torch.inference_mode(False):
                 meta.base_hash = base_hash(model, targets)
-                run = _TrainingRun(residual, config, targets, flipped, on_step, training_prompts, subject)
+                run = _TrainingRun(residual, config, family, targets, flipped, on_step, training_prompts, subject)
                 guider = _PositiveOnlyGuider(model)
                 guider.set_conds(positives)
                 guider.sample(torch.zeros_like(latents), latents, run, torch.ones(1), disable_pbar=True, seed=seed)

@@ -87,6 +87,9 @@ class Family:
     grid: Callable[[nn.Module, Target], nn.Module] | None = None
     joint: JointAttention | None = None
     rows: Callable[[str], str] = lambda path: ALL_ROWS  # which of a maskable layer's token rows are positions
+    # Modules whose input the model afterwards adds to in place (ComfyUI's Flux: `txt += ...`, `x += ...`): autograd
+    # would find the input it saved for backward changed, so training hands them a copy (train.py).
+    changed_in_place: Callable[[nn.Module], list[nn.Module]] = lambda model: []
 
 
 def _submodule(root: nn.Module, path: str) -> nn.Module:
@@ -144,4 +147,9 @@ def _flux_block(dit: nn.Module, target: Target) -> nn.Module:
     return (dit.double_blocks if kind == "double" else dit.single_blocks)[i]
 
 
-FLUX = Family("Flux.1", flux_targets, flux_mask_block, joint=JointAttention(2, _flux_block), rows=_flux_rows)
+def _flux_norms_before_in_place_adds(dit: nn.Module) -> list[nn.Module]:
+    return [*(n for b in dit.double_blocks for n in (b.txt_norm1, b.txt_norm2)), *(b.pre_norm for b in dit.single_blocks)]
+
+
+FLUX = Family("Flux.1", flux_targets, flux_mask_block, joint=JointAttention(2, _flux_block), rows=_flux_rows,
+              changed_in_place=_flux_norms_before_in_place_adds)

@@ -1,10 +1,14 @@
-"""How residuals enter a UNet: forward hooks, attached for a scope and removed after it.
+"""How residuals enter a UNet or a DiT: forward hooks, attached for a scope and removed after it.
 
 Hooks add `strength * M * (dW x)` to a layer's output (summed over concepts when there are several):
 each layer of a ResidualSet (every proj_out for a residual, any Linear or 1x1 conv for a LoRA's). They
 replace no module or weight, so weight patches on the same layer (a stock LoRA), attention patches and
-offloading keep working, and the UNet is exactly as before once the scope ends. Training, LAG sampling
+offloading keep working, and the model is exactly as before once the scope ends. Training, LAG sampling
 and global sampling all go through attach().
+
+Where LAG's maps come from is the family's (family.py): on a UNet, hooks on each block's cross-attention
+query and key modules; on a DiT with joint attention (Flux), the block's attention call itself, through an
+attention override the caller installs for the scope (Attached), as it does the attention bias's.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The training loop: only the residuals learn; the UNet, text encoder and VAE stay frozen.
 
 The loss is the standard diffusion MSE at uniformly drawn discrete timesteps, on epsilon or on v
-(SD2.x-v), matching how the base model was trained. Latents and the text conditioning are fixed for
+(SD2.x-v), or on the rectified flow's velocity (Flux: x_t = (1 - s) x0 + s eps, target eps - x0, s drawn
+from the model's own sigma schedule), matching how the base model was trained. Latents and the text conditioning are fixed for
 the run (the caller encodes them once). Every random draw comes from one generator seeded by the seed: the
 image order, flips and timesteps up front (a few numbers per step), the noise one step at a time (see
 _step_noise), the same numbers as one up-front draw would give.
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,7 @@ from torch import nn
 
 from .checkpointing import checkpointed
 from .errors import ResidualError, TrainingDiverged, check_range
+from .family import SD_UNET, Family
 from .hooks import Concept, attach, frozen
 from .residual import ResidualSet
 from .targets import Target
@@ -34,7 +36,7 @@ from .targets import Target
 # denoiser(x_t, t, index) -> the model's raw output (eps or v) for noisy latents x_t at integer timesteps t;
 # index says which photo each row is (for per-photo captions; a single concept prompt ignores it).
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-PREDICTIONS = ("eps", "v")
+PREDICTIONS = ("eps", "v", "flow")
 
 
 @dataclass
@@ -63,7 +65,7 @@ class TrainConfig:
 
 # A family's native training resolution in pixels: what its base model was trained at. SD2.x's epsilon
 # model (SD2 "base") is 512, its v model 768.
-NATIVE_RESOLUTION = {"sd1": 512, "sd2-eps": 512, "sd2-v": 768, "sdxl": 1024}
+NATIVE_RESOLUTION = {"sd1": 512, "sd2-eps": 512, "sd2-v": 768, "sdxl": 1024, "flux": 1024}
 DEFAULT_RESOLUTION = 512  # a UNet of no known family
 
 
@@ -271,10 +273,12 @@ def fit(
     autocast_dtype: torch.dtype | None = None,
     scaler: LossScaler | None = None,
     masks: torch.Tensor | None = None,
+    attention_loss=None,
 ) -> torch.Tensor:
     """The diffusion-loss loop over `parameters` (tensors that require grad), whatever they belong to.
 
-    latents: [N, C, H, W], already scaled as the model expects. flipped_latents: the same images
+    latents: [N, C, H, W], already scaled as the model expects. alphas_cumprod: per discrete timestep, the
+    schedule's alphas_cumprod for eps and v, its sigmas for flow. flipped_latents: the same images
     flipped, used when config.flip. on_step(step, losses) runs after each step with the loss history
     so far on the device (a place to report progress or raise to cancel). Returns the per-step losses.
     A NaN or inf loss raises TrainingDiverged within CHECK_EVERY steps, with `parameters` put back to their
@@ -283,6 +287,7 @@ def fit(
     masks: subject masks [N, H, W] in 0-1, one per latent, at the latents' aspect (any resolution, e.g. the
     photos'): the loss counts only the subject (see latent_masks, masked_mse); a flipped photo's mask is flipped.
     denoiser's index: the photo of each row (a flipped row too), e.g. to pick its caption (PhotoPrompts).
+    attention_loss: an attention_loss.AttentionLoss (needs masks), added to each step's loss; None: off.
     """
     config = config or TrainConfig()
     config.check()
@@ -313,11 +318,17 @@ def fit(
             x0 = torch.where(flip[step], flipped_latents[index[step]], x0)
             mask = None if mask is None else torch.where(flip[step], flipped_masks[index[step]], mask)
         a, eps = ab[step], eps.to(device)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        target = eps if prediction == "eps" else a.sqrt() * eps - (1 - a).sqrt() * x0
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        if prediction == "flow":  # `a` is the step's sigma
+            x_t, target = (1 - a) * x0 + a * eps, eps - x0
+        else:
+            x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+            target = eps if prediction == "eps" else a.sqrt() * eps - (1 - a).sqrt() * x0
+        recording = attention_loss.recording() if attention_loss is not None else nullcontext()
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None), recording:
             out = denoiser(x_t, t[step], index[step])
         loss = masked_mse(out.float(), target.float(), mask)
+        if attention_loss is not None:
+            loss = loss + attention_loss(mask)
         losses[step] = loss.detach()
         (loss * scaler.scale if scaler is not None else loss).backward()
         last_good.update(loss.detach(), step)
@@ -337,6 +348,18 @@ def fit(
     return losses.cpu()
 
 
+@contextmanager
+def _copied_inputs(modules: list[nn.Module]):
+    """Within the scope, each module gets a copy of its input, so an in-place add to that input after the call
+    leaves the tensor the module saved for backward as it was."""
+    handles = [m.register_forward_pre_hook(lambda module, args: (args[0].clone(), *args[1:])) for m in modules]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def train_residual(
     residual: ResidualSet,
     unet: nn.Module,
@@ -351,16 +374,19 @@ def train_residual(
     targets: list[Target] | None = None,
     scaler: LossScaler | None = None,
     masks: torch.Tensor | None = None,
+    attention_loss=None,
+    family: Family = SD_UNET,
 ) -> torch.Tensor:
-    """Train `residual`, attached to `unet`'s proj_out layers, with everything else frozen (see fit; masks:
-    one subject mask per photo, for a loss on the subject only)."""
+    """Train `residual`, attached to `unet`'s residual layers (`family`'s targets), with everything else frozen (see fit; masks:
+    one subject mask per photo, for a loss on the subject only; attention_loss: see fit)."""
     config = config or TrainConfig()
     residual.to(latents.device).float().requires_grad_(True)
     recompute = checkpointed(unet) if config.gradient_checkpointing else nullcontext()
     try:
-        with frozen(unet), attach(unet, [Concept(residual)], targets=targets), recompute:
+        with frozen(unet), attach(unet, [Concept(residual)], family=family, targets=targets), recompute, \
+                _copied_inputs(family.changed_in_place(unet)):
             return fit(list(residual.parameters()), denoiser, latents, alphas_cumprod, prediction, config,
-                       flipped_latents, on_step, autocast_dtype, scaler, masks=masks)
+                       flipped_latents, on_step, autocast_dtype, scaler, masks=masks, attention_loss=attention_loss)
     finally:
         residual.requires_grad_(False)
         residual.forget_casts()

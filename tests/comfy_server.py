@@ -55,6 +55,28 @@ def workflow_checkpoint() -> str:
     return next(n["inputs"]["ckpt_name"] for n in graph.values() if n["class_type"] == "CheckpointLoaderSimple")
 
 
+# Where the files a workflow names live, by the loader input that names them (ComfyUI 0.3.64's folder names).
+MODEL_FOLDERS = {"unet_name": "diffusion_models", "clip_name1": "text_encoders", "clip_name2": "text_encoders",
+                 "vae_name": "vae", "lora_name": "loras"}
+
+
+def write_named_files(models: Path) -> None:
+    """Placeholder files under the names the Flux workflows load (Flux.1's three files and the users' LoRAs), so
+    the server lists them: those workflows are checked against the server and opened in the frontend, never run
+    (Flux's T5-XXL alone is 9 GB). Valid safetensors holding one zero, never loaded."""
+    import safetensors.torch
+    import torch
+
+    for path in sorted(WORKFLOWS.glob("api/flux_*.json")):
+        for node in json.loads(path.read_text()).values():
+            for name, value in node["inputs"].items():
+                if name in MODEL_FOLDERS and isinstance(value, str):
+                    target = models / MODEL_FOLDERS[name] / value
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    if not target.exists():
+                        safetensors.torch.save_file({"placeholder": torch.zeros(1)}, str(target))
+
+
 def write_photos(folder: Path, count: int = 3, size: int = 64, seed: int = 0) -> None:
     """Seeded 'concept photos': a coloured disc on a plain background, the same size (the stock folder
     loader needs that)."""
@@ -123,8 +145,8 @@ def free_port() -> int:
 
 class ComfyServer:
     """A base directory laid out for the shipped workflows (the checkpoint under the name they load, the
-    photos in input/concept/ and, for the second concept of two_concepts, input/concept_b/), and the server
-    process on it."""
+    photos in input/concept/ and, for the second concept of two_concepts, input/concept_b/, placeholders for
+    the Flux workflows' files), and the server process on it."""
 
     def __init__(self, base: Path, checkpoint: Path):
         self.base = base
@@ -132,6 +154,7 @@ class ComfyServer:
             (base / folder).mkdir(parents=True, exist_ok=True)
         (base / "custom_nodes" / PACK_FOLDER).symlink_to(ROOT, target_is_directory=True)
         (base / "models" / "checkpoints" / workflow_checkpoint()).symlink_to(checkpoint)
+        write_named_files(base / "models")
         write_photos(base / "input" / "concept")
         write_photos(base / "input" / "concept_b", seed=1)
         write_cut_outs(base / "input", ["sks_dog_1.png", "sks_dog_2.png"])  # for train_with_masks

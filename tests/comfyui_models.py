@@ -226,13 +226,13 @@ class SDXLTextStandIn:
         return [[cond, {"pooled_output": cond.mean(1)[:, :SDXL_POOLED]}]]
 
 
-def build_vae():
-    """A comfy.sd.VAE over a randomly initialised TAESD (8x down, 4 latent channels, as SD's VAE)."""
+def build_vae(channels: int = 4):
+    """A comfy.sd.VAE over a randomly initialised TAESD (8x down; 4 latent channels as SD's VAE, 16 as Flux's)."""
     import comfy.sd
     import comfy.taesd.taesd
     import torch
 
     with torch.inference_mode():
-        taesd = comfy.taesd.taesd.TAESD()
+        taesd = comfy.taesd.taesd.TAESD(latent_channels=channels)
         randomize(taesd, 5, scale=0.05)
         return comfy.sd.VAE(sd=dict(taesd.state_dict()))

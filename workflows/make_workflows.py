@@ -19,6 +19,9 @@ from pathlib import Path
 # Output sockets (name, type) of every node type the workflows use.
 OUTPUTS = {
     "CheckpointLoaderSimple": [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
+    "UNETLoader": [("MODEL", "MODEL")],
+    "DualCLIPLoader": [("CLIP", "CLIP")],
+    "VAELoader": [("VAE", "VAE")],
     "LoadImageSetFromFolderNode": [("IMAGE", "IMAGE")],
     "PersonalizedResidualTrain": [("residual", "PERSONALIZED_RESIDUAL"), ("loss_curve", "IMAGE"), ("samples", "IMAGE")],
     "PersonalizedResidualSave": [("lora_name", "STRING")],
@@ -41,7 +44,8 @@ OUTPUTS = {
 }
 # Each node type's size in the UI (the frontend enlarges a node that is too small for its widgets).
 SIZES = {
-    "CheckpointLoaderSimple": (320, 100), "LoadImageSetFromFolderNode": (320, 90), "PersonalizedResidualTrain": (320, 640),
+    "CheckpointLoaderSimple": (320, 100), "UNETLoader": (320, 90), "DualCLIPLoader": (320, 130), "VAELoader": (320, 60),
+    "LoadImageSetFromFolderNode": (320, 90), "PersonalizedResidualTrain": (320, 640),
     "PersonalizedResidualSave": (360, 80), "PersonalizedResidualLoad": (320, 110), "PersonalizedResidualLAGSampler": (400, 300),
     "PersonalizedResidualLAGLoRA": (400, 440), "PersonalizedResidualLAGMaskPreview": (300, 320),
     "LoraLoaderModelOnly": (320, 90), "CLIPTextEncode": (400, 150),
@@ -58,6 +62,12 @@ CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 RESIDUAL = "sks_dog_00001.safetensors"  # what train_and_save writes first
 PROMPT = "a photo of a sks dog on the beach"
 TWO_PROMPT = "a photo of a sks dog and a zwx cat on the beach"
+# Flux.1's files as ComfyUI's own Flux templates name them (models/diffusion_models, text_encoders, vae), and the
+# users' own LoRAs (models/loras) the Flux workflows apply: placeholders for theirs.
+FLUX_FILES = {"unet_name": "flux1-dev.safetensors", "clip_name1": "clip_l.safetensors",
+              "clip_name2": "t5xxl_fp16.safetensors", "vae_name": "ae.safetensors"}
+FLUX_LORAS = ("flux_sks_dog_lora.safetensors", "flux_zwx_cat_lora.safetensors")
+FLUX_SAMPLING = {"cfg": 1.0, "steps": 20, "scheduler": "simple", "size": 1024}  # Flux.1 dev: guidance-distilled
 
 
 @dataclass
@@ -80,16 +90,18 @@ def lag_sampler(id, pos, model, residual, clip, prompt=PROMPT):
         "start_percent": 0.0, "end_percent": 1.0, "mask_strategy": "warmup"})
 
 
-def sampling(first_id, x, y, model, positive, clip, vae, mask_preview=True):
+def sampling(first_id, x, y, model, positive, clip, vae, mask_preview=True, cfg=7.0, steps=30, scheduler="normal",
+             size=512):
     """Negative prompt, empty latent, KSampler, decode, save and (for LAG) the mask preview, laid out beside
     the node at (x, y) that gives the positive prompt."""
     i = first_id
     nodes = [
-        Node(i, "CLIPTextEncode", (x, y + 340), {"clip": clip}, {"text": "blurry, low quality"}, title="negative"),
-        Node(i + 1, "EmptyLatentImage", (x + 440, y + 340), widgets={"width": 512, "height": 512, "batch_size": 1}),
+        Node(i, "CLIPTextEncode", (x, y + 340), {"clip": clip}, {"text": "blurry, low quality" if cfg > 1 else ""},
+             title="negative"),
+        Node(i + 1, "EmptyLatentImage", (x + 440, y + 340), widgets={"width": size, "height": size, "batch_size": 1}),
         Node(i + 2, "KSampler", (x + 440, y), {"model": model, "positive": positive, "negative": (i, 0),
                                                "latent_image": (i + 1, 0)},
-             {"seed": 0, "steps": 30, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}),
+             {"seed": 0, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": scheduler, "denoise": 1.0}),
         Node(i + 3, "VAEDecode", (x + 780, y), {"samples": (i + 2, 0), "vae": vae}),
         Node(i + 4, "SaveImage", (x + 780, y + 120), {"images": (i + 3, 0)}, {"filename_prefix": "personalized"}),
     ]
@@ -141,6 +153,23 @@ def masked_training(first_id, ckpt, photos=("sks_dog_1.png", "sks_dog_2.png")):
     ]
 
 
+def flux_loaders(first_id):
+    """Flux.1 from its three files: the DiT (id first_id), the CLIP-L + T5-XXL pair (+1) and the VAE (+2)."""
+    i = first_id
+    return [Node(i, "UNETLoader", (40, 80), widgets={"unet_name": FLUX_FILES["unet_name"], "weight_dtype": "default"}),
+            Node(i + 1, "DualCLIPLoader", (40, 210), widgets={"clip_name1": FLUX_FILES["clip_name1"],
+                                                              "clip_name2": FLUX_FILES["clip_name2"], "type": "flux",
+                                                              "device": "default"}),
+            Node(i + 2, "VAELoader", (40, 380), widgets={"vae_name": FLUX_FILES["vae_name"]})]
+
+
+def lag_lora(id, pos, model, clip, lora_name, trigger_word="sks", class_word="dog", prompt=PROMPT):
+    return Node(id, "PersonalizedResidualLAGLoRA", pos, {"model": model, "clip": clip}, {
+        "lora_name": lora_name, "trigger_word": trigger_word, "class_word": class_word, "prompt": prompt,
+        "strength": 1.0, "unmaskable_layers": "apply globally", "mask_rule": "max_fraction", "mask_value": 0.5,
+        "start_percent": 0.0, "end_percent": 1.0, "mask_strategy": "warmup"})
+
+
 WORKFLOWS = {
     # Train, save, and sample with LAG in one graph (the README's example): training above, sampling below.
     "train_and_sample": [checkpoint(1, (40, 80)), *training(2, 1),
@@ -158,11 +187,22 @@ WORKFLOWS = {
     # named is the residual train_and_save writes (a kohya LoRA too); pick your own LoRA in its place.
     "lag_lora": [
         checkpoint(1, (40, 80)),
-        Node(2, "PersonalizedResidualLAGLoRA", (40, 220), {"model": (1, 0), "clip": (1, 1)}, {
-            "lora_name": f"personalized_residuals/{RESIDUAL}", "trigger_word": "sks", "class_word": "dog",
-            "prompt": PROMPT, "strength": 1.0, "unmaskable_layers": "apply globally", "mask_rule": "max_fraction",
-            "mask_value": 0.5, "start_percent": 0.0, "end_percent": 1.0, "mask_strategy": "warmup"}),
+        lag_lora(2, (40, 220), (1, 0), (1, 1), f"personalized_residuals/{RESIDUAL}"),
         *sampling(3, 480, 80, (2, 0), (2, 1), (2, 2), (1, 2)),
+    ],
+    # Flux.1 with a subject LoRA under LAG: the LoRA's image-stream layers only where its words attend. Pick
+    # your own Flux LoRA, trigger word and class word.
+    "flux_lag_lora": [
+        *flux_loaders(1),
+        lag_lora(4, (400, 80), (1, 0), (2, 0), FLUX_LORAS[0]),
+        *sampling(5, 840, 80, (4, 0), (4, 1), (4, 2), (3, 0), **FLUX_SAMPLING),
+    ],
+    # Two characters' LoRAs on Flux.1 in one image, each inside its own mask (the last prompt names both).
+    "flux_two_loras": [
+        *flux_loaders(1),
+        lag_lora(4, (400, 80), (1, 0), (2, 0), FLUX_LORAS[0], prompt=TWO_PROMPT),
+        lag_lora(5, (400, 540), (4, 0), (4, 2), FLUX_LORAS[1], "zwx", "cat", TWO_PROMPT),
+        *sampling(6, 840, 80, (5, 0), (5, 1), (5, 2), (3, 0), **FLUX_SAMPLING),
     ],
     # Two concepts in one image: each trained on its own photos, then a chain of two LAG Samplers. The last
     # prompt names both; each residual applies only where its own words attend.

@@ -93,26 +93,41 @@ def test_the_map_reads_the_concepts_columns_from_the_overrides_q_and_k(flux):
     assert patch_grid(maps[0], *LATENT).shape == (1, *LATENT)
 
 
-def test_training_and_lag_lora_refuse_flux_by_name_and_lag_sampler_an_sd_residual(flux, sd15, clip, vae, loras_dir):
-    from comfy_env import concept_residual, run, train
-    from personalized_residuals.nodes.lag import LagSampler
-    from personalized_residuals.nodes.lora import LagLora
-    from personalized_residuals.residual_core import ResidualError, fileformat
+def test_a_model_of_neither_family_and_companions_of_the_other_family_are_refused_by_name(flux, sd15, clip, vae):
+    """Every node takes SD and Flux models; another model (SD3: FLOW prediction) is refused by its class and
+    prediction type, and an SD residual, CLIP or VAE with a Flux model (and the reverse) naming both sides."""
+    from types import SimpleNamespace
 
-    fileformat.save(concept_residual(sd15), str(loras_dir / "sd.safetensors"))
-    photos = [torch.rand(1, 64, 64, 3)]
+    from comfy.model_base import ModelType
+    from comfy_env import concept_residual, run, train
+    from comfyui_models import build_flux_clip, build_vae
+    from personalized_residuals.nodes.comfy_model import family_of
+    from personalized_residuals.nodes.lag import LagSampler
+    from personalized_residuals.residual_core import FLUX, SD_UNET, ResidualError
+
+    sd3_like = SimpleNamespace(model=type("SD3", (), {"model_type": ModelType.FLOW})())
+    with pytest.raises(ResidualError, match=r"This model is SD3 \(FLOW prediction\): this node supports SD1.x, SD2.x "
+                                            r"and SDXL, or Flux.1 checkpoints"):
+        family_of(sd3_like, (SD_UNET, FLUX))
+    flux_clip, photos = build_flux_clip(), [torch.rand(1, 64, 64, 3)]
+    lag = {"mode": "LAG", "strength": 1.0, "mask_rule": "max_fraction", "mask_value": 0.5, "start_percent": 0.0,
+           "end_percent": 1.0}
     refusals = {
-        "train": lambda: train(flux, clip, vae, photos),
-        "LAG LoRA": lambda: run(LagLora, model=flux, clip=clip, lora_name="sd.safetensors", trigger_word="sks",
-                                class_word="dog", prompt="a photo of a sks dog", strength=1.0,
-                                unmaskable_layers="apply globally", mask_rule="max_fraction", mask_value=0.5,
-                                start_percent=0.0, end_percent=1.0),
+        "an SD residual on Flux": (lambda: run(LagSampler, flux, concept_residual(sd15), flux_clip,
+                                               "a photo of a sks dog", **lag),
+                                   "made for a custom UNet.*the model is a custom Flux"),
+        "a Flux residual on SD": (lambda: run(LagSampler, sd15, concept_residual(flux), clip, "a photo of a sks dog",
+                                              **lag), "made for a custom Flux.*the model is a custom UNet"),
+        "an SD CLIP with Flux": (lambda: run(LagSampler, flux, concept_residual(flux), clip, "a photo of a sks dog",
+                                             **lag),
+                                 r"clip is an SD text encoder \(no T5-XXL\) but the model is Flux.1.*DualCLIPLoader"),
+        "a Flux CLIP with SD": (lambda: train(sd15, flux_clip, vae, photos),
+                                r"clip is Flux's text encoders \(T5-XXL and CLIP-L\) but the model is SD1.x, SD2.x and SDXL"),
+        "an SD VAE with Flux": (lambda: train(flux, flux_clip, vae, photos),
+                                "vae makes 4-channel latents but the model \\(Flux.1\\) takes 16"),
+        "a Flux VAE with SD": (lambda: train(sd15, clip, build_vae(16), photos), "vae makes 16-channel latents"),
     }
-    for node, make in refusals.items():
-        with pytest.raises(ResidualError, match=r"This model is Flux \(FLUX prediction\).*SD1.x, SD2.x and SDXL "
-                                                r"checkpoints \(on Flux: LAG Sampler"):
+    for case, (make, message) in refusals.items():
+        with pytest.raises(ResidualError, match=message):
             make()
-        print(f"{node}: refused")
-    with pytest.raises(ResidualError, match="made for a custom UNet.*the model is a custom Flux"):
-        run(LagSampler, flux, concept_residual(sd15), clip, "a photo of a sks dog", mode="LAG", strength=1.0,
-            mask_rule="max_fraction", mask_value=0.5, start_percent=0.0, end_percent=1.0)
+        print(f"{case}: refused")

@@ -177,3 +177,131 @@ def test_lag_sampler_on_flux_through_the_ksampler(flux, flux_clip, loras_dir, mo
     assert not torch.allclose(stock, base, atol=1e-4), "the stock loader did not apply the saved file"
     assert not torch.allclose(lag_out, everywhere, atol=1e-4) and not torch.allclose(lag_out, base, atol=1e-4)
     assert weights_hash(flux) == before, "the Flux model changed"
+
+
+def test_train_personalized_residual_on_flux_and_sample_it_with_lag(flux, flux_clip, loras_dir):
+    """Training on Flux through ComfyUI's own model call (rectified flow: the target is eps - x0 at the model's own
+    sigmas; guidance: the conditioning's default): a residual from zeros gets gradients on every layer, the
+    model is unchanged, the file loads in the stock loader and LAG Sampler samples with it."""
+    from comfy_env import ksample, run, stock_lora, train, weights_hash
+    from comfyui_models import build_vae
+    from personalized_residuals.nodes.comfy_model import targets_of
+    from personalized_residuals.nodes.lag import LagSampler
+    from personalized_residuals.residual_core import FLUX, model_family
+
+    import nodes as comfy_nodes
+
+    before = weights_hash(flux)
+    vae, photos = build_vae(16), [torch.rand(1, 64, 64, 3)]
+    residual, curve, _ = train(flux, flux_clip, vae, photos, steps=4, batch_size=1)
+    recomputed = train(flux, flux_clip, vae, photos, steps=4, batch_size=1, gradient_checkpointing=True)[0]
+    for key, layer in residual.layers.items():  # gradient checkpointing recomputes the same blocks, hooks included
+        torch.testing.assert_close(recomputed.layers[key].weight_delta(), layer.weight_delta())
+    assert residual.meta.base_family == model_family(targets_of(flux, (FLUX,))) == "custom-flux-2+2x64"
+    assert all(float(layer.up.abs().sum()) > 0 for layer in residual.layers.values()), "a layer got no gradient"
+    assert weights_hash(flux) == before, "training changed the Flux model"
+    assert curve.ndim == 4 and curve.shape[-1] == 3
+    negative = comfy_nodes.CLIPTextEncode().encode(flux_clip, "")[0]
+    sample = lambda m, p: ksample(m, p, negative, cfg=1.0, steps=2, size=8, channels=16)  # noqa: E731
+    lagged, positive = run(LagSampler, flux, residual, flux_clip, PROMPT, strength=1.0, mode="LAG",
+                           mask_rule="max_fraction", mask_value=0.5, start_percent=0.0, end_percent=1.0)
+    assert torch.isfinite(sample(lagged, positive)).all()
+    assert not torch.equal(sample(stock_lora(flux, residual, loras_dir), positive), sample(flux, positive))
+
+
+def flux_lora(path, flux, select, scale=0.3):
+    """A random rank-2 kohya-named Flux LoRA (lora_unet_double_blocks_0_img_attn_proj, ...) on every layer of the
+    DiT whose path `select`s; each layer's factors depend on its name only."""
+    import zlib
+
+    import safetensors.torch
+
+    sd = {}
+    for key, w in flux.model.diffusion_model.state_dict().items():
+        path_ = key[:-len(".weight")]
+        if not key.endswith(".weight") or w.ndim != 2 or not select(path_):
+            continue
+        g = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+        name = "lora_unet_" + path_.replace(".", "_")
+        sd[f"{name}.lora_up.weight"] = torch.randn(w.shape[0], 2, generator=g) * scale
+        sd[f"{name}.lora_down.weight"] = torch.randn(2, w.shape[1], generator=g) * scale
+        sd[f"{name}.alpha"] = torch.tensor(2.0)
+    safetensors.torch.save_file(sd, str(path))
+    return path.name
+
+
+AFTER_ATTENTION = ("img_attn.proj", "img_mlp.0", "img_mlp.2", "linear2")  # maskable layers that run after the map
+UNMASKABLE = ("txt_attn.qkv", "txt_mlp.0", "img_mod.lin", "modulation.lin", "final_layer.linear")
+
+
+def test_lag_lora_on_flux_masks_the_image_stream_ones_are_the_stock_loader_and_zeros_skipped_the_base(
+        flux, flux_clip, loras_dir, monkeypatch):
+    from comfy_env import ksample, run
+    from personalized_residuals.nodes.lag import PATCH_KEY
+    from personalized_residuals.nodes.lora import LagLora
+    from personalized_residuals.residual_core import lag
+
+    import nodes as comfy_nodes
+
+    name = flux_lora(loras_dir / "flux.safetensors", flux, lambda p: p.endswith(AFTER_ATTENTION + UNMASKABLE))
+    negative = comfy_nodes.CLIPTextEncode().encode(flux_clip, "")[0]
+    sample = lambda m, p: ksample(m, p, negative, cfg=1.0, steps=2, size=8, channels=16)  # noqa: E731
+
+    def lag_lora(unmaskable):
+        return run(LagLora, model=flux, clip=flux_clip, lora_name=name, trigger_word="sks", class_word="dog",
+                   prompt=PROMPT, strength=1.0, unmaskable_layers=unmaskable, mask_rule="max_fraction", mask_value=0.5,
+                   start_percent=0.0, end_percent=1.0)
+
+    m, positive, _ = lag_lora("apply globally")
+    masked = m.get_attachment(PATCH_KEY).concepts[0].residual.layers
+    dit = flux.model.diffusion_model
+    assert len(masked) == 3 * len(dit.double_blocks) + len(dit.single_blocks)
+    assert all(p.endswith(AFTER_ATTENTION) for p in masked), "only the image stream's layers are masked"
+    stock = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(flux, name, 1.0)[0]
+    base = sample(flux, positive)
+    assert (sample(stock, positive) - base).abs().max() > 1e-3, "the LoRA must matter for this test to mean anything"
+    monkeypatch.setattr(lag, "threshold", lambda attn, rule, v: torch.ones_like(attn))
+    # Merged weights compute (W + dW) x, the hooks W x + dW x: equal up to float32 rounding.
+    torch.testing.assert_close(sample(m, positive), sample(stock, positive), rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(lag, "threshold", lambda attn, rule, v: torch.zeros_like(attn))
+    skipped = lag_lora("skip")[0]
+    assert torch.equal(sample(skipped, positive), base), "zero masks and the unmaskable layers skipped: the base"
+
+
+def test_two_flux_loras_chained_each_in_its_own_mask_in_one_pass_per_step(flux, flux_clip, loras_dir, monkeypatch):
+    """The multi-character case: two LAG LoRAs on one Flux model, the last node's prompt naming both; one model
+    evaluation per step and, block by block, masks that never overlap."""
+    import comfy.samplers
+    from comfy_env import ksample, run
+    from personalized_residuals.nodes.lora import LagLora
+    from personalized_residuals.residual_core import lag
+
+    import nodes as comfy_nodes
+
+    prompt = "a photo of a sks dog and a zwx cat"
+    names = [flux_lora(loras_dir / f"{n}.safetensors", flux, lambda p, n=n: p.endswith(AFTER_ATTENTION), scale=s)
+             for n, s in (("a", 0.3), ("b", 0.2))]
+    m = flux
+    for name, (ident, cls) in zip(names, (("sks", "dog"), ("zwx", "cat")), strict=True):
+        m, positive, _ = run(LagLora, model=m, clip=flux_clip, lora_name=name, trigger_word=ident, class_word=cls,
+                             prompt=prompt, strength=1.0, unmaskable_layers="apply globally", mask_rule="max_fraction",
+                             mask_value=0.5, start_percent=0.0, end_percent=1.0)
+    calls, applied = [], []
+    original, record = comfy.samplers.calc_cond_batch, lag.LagSession.applied
+
+    def count(*a, **kw):
+        calls.append(1)
+        return original(*a, **kw)
+
+    def spy(self, block, grid, mask, score):
+        applied.append(mask.clone())
+        return record(self, block, grid, mask, score)
+
+    monkeypatch.setattr(comfy.samplers, "calc_cond_batch", count)
+    monkeypatch.setattr(lag.LagSession, "applied", spy)
+    negative = comfy_nodes.CLIPTextEncode().encode(flux_clip, "")[0]
+    out = ksample(m, positive, negative, cfg=1.0, steps=3, size=8, channels=16)
+    assert torch.isfinite(out).all() and len(calls) == 3
+    pairs = list(zip(applied[::2], applied[1::2], strict=True))
+    assert pairs and all(float((a * b).max()) == 0 for a, b in pairs), "two concepts' masks overlap"
+    assert any(float(a.sum()) > 0 for a, _ in pairs) and any(float(b.sum()) > 0 for _, b in pairs)

@@ -12,7 +12,8 @@ import nodes as comfy_nodes
 FOLDER = Path(__file__).resolve().parents[2] / "workflows"
 UI_FILES = sorted(FOLDER.glob("*.json"))
 # Combos listing the user's own files: any value is fine here.
-USER_FILES = {"ckpt_name", "folder", "residual_name", "lora_name", "image"}
+USER_FILES = {"ckpt_name", "folder", "residual_name", "lora_name", "image", "unet_name", "clip_name1", "clip_name2",
+              "vae_name"}
 
 
 @pytest.fixture(scope="module")
