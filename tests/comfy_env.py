@@ -3,6 +3,8 @@ by the tier-2 tests. Without ComfyUI every tier-2 test is skipped, and the run s
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from comfyui_models import (  # noqa: F401  (re-exported for the tests)
     COMFY,
     SDXL_POOLED,
@@ -79,3 +81,43 @@ def concept_residual(model, seed=0):
     residual = ResidualSet.for_targets(targets_of(model, (SD_UNET, FLUX)), 0.25, "random", seed)
     residual.meta.class_word, residual.meta.identifier = "dog", "sks"
     return residual
+
+
+@dataclass(frozen=True)
+class AppliedMask:
+    session: object  # the concept's LagSession
+    evaluation: int  # the model evaluation (sampler step) of the run it was applied in, as the session counts them
+    mask: object  # [rows, positions]
+
+
+@dataclass
+class SamplingSpy:
+    """What a sampling run did, recorded by spy_sampling: one entry per model evaluation (calc_cond_batch call),
+    and every mask LAG applied, per block and UNet call, the chain's concepts in order."""
+
+    evaluations: list = field(default_factory=list)
+    applied: list[AppliedMask] = field(default_factory=list)
+
+    def pairs(self) -> list[tuple[AppliedMask, AppliedMask]]:
+        """Two concepts' masks side by side, per block and call: (the first concept's, the second's)."""
+        return list(zip(self.applied[::2], self.applied[1::2], strict=True))
+
+
+def spy_sampling(monkeypatch) -> SamplingSpy:
+    import comfy.samplers
+    from personalized_residuals.residual_core import lag
+
+    spy = SamplingSpy()
+    original, record = comfy.samplers.calc_cond_batch, lag.LagSession.applied
+
+    def evaluate(*a, **kw):
+        spy.evaluations.append(1)
+        return original(*a, **kw)
+
+    def applied(self, block, grid, mask, score):
+        spy.applied.append(AppliedMask(self, self.strategy.now, mask.clone()))
+        return record(self, block, grid, mask, score)
+
+    monkeypatch.setattr(comfy.samplers, "calc_cond_batch", evaluate)
+    monkeypatch.setattr(lag.LagSession, "applied", applied)
+    return spy

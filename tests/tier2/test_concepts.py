@@ -1,9 +1,8 @@
 """Several concepts in one image: a chain of LAG Sampler nodes, each residual gated by its own words."""
 
-import comfy.samplers
 import pytest
 import torch
-from comfy_env import concept_residual, ksample, run, weights_hash
+from comfy_env import concept_residual, ksample, run, spy_sampling, weights_hash
 from personalized_residuals.nodes.lag import PATCH_KEY, LagMaskPreview, LagSampler
 from personalized_residuals.residual_core import ResidualError, lag
 
@@ -40,23 +39,11 @@ def test_a_chain_applies_each_concept_inside_its_own_mask_in_one_pass(sd15, clip
     # The first node's prompt named only its own concept; the chain locates it again in the last prompt
     # ('zwx' is two BPE tokens).
     assert patch.sessions[0].positions == [5, 6] and patch.sessions[1].positions == [9, 10, 11]
-    calls, applied = [], []
-    original, record = comfy.samplers.calc_cond_batch, lag.LagSession.applied
-
-    def count(*a, **kw):
-        calls.append(1)
-        return original(*a, **kw)
-
-    def spy(self, block, grid, mask, score):
-        applied.append(mask.clone())
-        return record(self, block, grid, mask, score)
-
-    monkeypatch.setattr(comfy.samplers, "calc_cond_batch", count)
-    monkeypatch.setattr(lag.LagSession, "applied", spy)
+    spy = spy_sampling(monkeypatch)
     out = ksample(m, positive, negative)
-    assert len(calls) == 3, "one model evaluation per step, whatever the number of concepts"
+    assert len(spy.evaluations) == 3, "one model evaluation per step, whatever the number of concepts"
     assert all(s.mean_masks() for s in patch.sessions) and torch.isfinite(out).all()
-    pairs = list(zip(applied[::2], applied[1::2], strict=True))  # per block and call: first, then second concept
+    pairs = [(a.mask, b.mask) for a, b in spy.pairs()]
     assert len(pairs) == 3 * 16 and any(float(a.sum()) > 0 and float(b.sum()) > 0 for a, b in pairs)
     assert all(float((a * b).max()) == 0 for a, b in pairs), "where both attend, one wins: masks never overlap"
     preview = run(LagMaskPreview, m, {"samples": out})[0]

@@ -144,8 +144,7 @@ def test_lag_sampler_on_flux_through_the_ksampler(flux, flux_clip, loras_dir, mo
     """The LAG Sampler node on a Flux model, sampled by the stock KSampler (cfg 1, guidance-distilled as dev is):
     one model evaluation per step, the model unchanged after, mode global equal to the saved file in ComfyUI's own
     LoRA loading, and LAG neither of them nor the base."""
-    import comfy.samplers
-    from comfy_env import concept_residual, ksample, run, stock_lora, weights_hash
+    from comfy_env import concept_residual, ksample, run, spy_sampling, stock_lora, weights_hash
     from personalized_residuals.nodes.lag import PATCH_KEY, LagMaskPreview, LagSampler
 
     import nodes as comfy_nodes
@@ -157,15 +156,9 @@ def test_lag_sampler_on_flux_through_the_ksampler(flux, flux_clip, loras_dir, mo
     before = weights_hash(flux)
     sample = lambda m, positive: ksample(m, positive, negative, cfg=1.0, steps=3, size=8, channels=16)  # noqa: E731
     lagged, positive = run(LagSampler, flux, residual, flux_clip, PROMPT, mode="LAG", **settings)
-    calls, original = [], comfy.samplers.calc_cond_batch
-
-    def count(*a, **kw):
-        calls.append(1)
-        return original(*a, **kw)
-
-    monkeypatch.setattr(comfy.samplers, "calc_cond_batch", count)
+    spy = spy_sampling(monkeypatch)
     lag_out = sample(lagged, positive)
-    assert len(calls) == 3, "one model evaluation per step"
+    assert len(spy.evaluations) == 3, "one model evaluation per step"
     means = lagged.get_attachment(PATCH_KEY).sessions[0].mean_masks()
     assert len(means) == 4 and all(m.shape == (1, 16) and 0 < float(m.mean()) < 1 for m in means.values())
     preview = run(LagMaskPreview, lagged, {"samples": lag_out})[0]  # the 4x4 patch grid drawn over the 8x8 latent
@@ -271,10 +264,8 @@ def test_lag_lora_on_flux_masks_the_image_stream_ones_are_the_stock_loader_and_z
 def test_two_flux_loras_chained_each_in_its_own_mask_in_one_pass_per_step(flux, flux_clip, loras_dir, monkeypatch):
     """The multi-character case: two LAG LoRAs on one Flux model, the last node's prompt naming both; one model
     evaluation per step and, block by block, masks that never overlap."""
-    import comfy.samplers
-    from comfy_env import ksample, run
+    from comfy_env import ksample, run, spy_sampling
     from personalized_residuals.nodes.lora import LagLora
-    from personalized_residuals.residual_core import lag
 
     import nodes as comfy_nodes
 
@@ -286,22 +277,10 @@ def test_two_flux_loras_chained_each_in_its_own_mask_in_one_pass_per_step(flux, 
         m, positive, _ = run(LagLora, model=m, clip=flux_clip, lora_name=name, trigger_word=ident, class_word=cls,
                              prompt=prompt, strength=1.0, unmaskable_layers="apply globally", mask_rule="max_fraction",
                              mask_value=0.5, start_percent=0.0, end_percent=1.0)
-    calls, applied = [], []
-    original, record = comfy.samplers.calc_cond_batch, lag.LagSession.applied
-
-    def count(*a, **kw):
-        calls.append(1)
-        return original(*a, **kw)
-
-    def spy(self, block, grid, mask, score):
-        applied.append(mask.clone())
-        return record(self, block, grid, mask, score)
-
-    monkeypatch.setattr(comfy.samplers, "calc_cond_batch", count)
-    monkeypatch.setattr(lag.LagSession, "applied", spy)
+    spy = spy_sampling(monkeypatch)
     negative = comfy_nodes.CLIPTextEncode().encode(flux_clip, "")[0]
     out = ksample(m, positive, negative, cfg=1.0, steps=3, size=8, channels=16)
-    assert torch.isfinite(out).all() and len(calls) == 3
-    pairs = list(zip(applied[::2], applied[1::2], strict=True))
+    assert torch.isfinite(out).all() and len(spy.evaluations) == 3
+    pairs = [(a.mask, b.mask) for a, b in spy.pairs()]
     assert pairs and all(float((a * b).max()) == 0 for a, b in pairs), "two concepts' masks overlap"
     assert any(float(a.sum()) > 0 for a, _ in pairs) and any(float(b.sum()) > 0 for _, b in pairs)

@@ -1,12 +1,11 @@
 """The LAG nodes' mask_strategy input: every strategy in a two-concept chain, through the stock KSampler."""
 
-import comfy.samplers
 import pytest
 import torch
-from comfy_env import concept_residual, ksample, run
+from comfy_env import concept_residual, ksample, run, spy_sampling
 from personalized_residuals.nodes import comfy_model
 from personalized_residuals.nodes.lag import PATCH_KEY, LagSampler
-from personalized_residuals.residual_core import DEFAULT_MASK_STRATEGY, MASK_STRATEGIES, MaskStrategy, ResidualError, lag
+from personalized_residuals.residual_core import DEFAULT_MASK_STRATEGY, MASK_STRATEGIES, MaskStrategy, ResidualError
 from personalized_residuals.residual_core.masks import FREEFUSE_STEP, WARMUP_OF
 
 import nodes as comfy_nodes
@@ -43,23 +42,11 @@ def test_two_concepts_one_model_evaluation_per_step_masks_never_overlap(strategy
     m, positive = _chain(sd15, clip, strategy)
     patch = m.get_attachment(PATCH_KEY)
     assert [s.strategy.name for s in patch.sessions] == [strategy, strategy]
-    calls, applied = [], []
-    original, record = comfy.samplers.calc_cond_batch, lag.LagSession.applied
-
-    def count(*a, **kw):
-        calls.append(1)
-        return original(*a, **kw)
-
-    def spy(self, block, grid, mask, score):
-        applied.append((self.strategy.now, mask.clone()))
-        return record(self, block, grid, mask, score)
-
-    monkeypatch.setattr(comfy.samplers, "calc_cond_batch", count)
-    monkeypatch.setattr(lag.LagSession, "applied", spy)
+    spy = spy_sampling(monkeypatch)
     out = ksample(m, positive, comfy_nodes.CLIPTextEncode().encode(clip, "")[0], steps=STEPS)
-    assert len(calls) == STEPS, "one model evaluation per step, whatever the strategy"
+    assert len(spy.evaluations) == STEPS, "one model evaluation per step, whatever the strategy"
     assert torch.isfinite(out).all()
-    pairs = list(zip(applied[::2], applied[1::2], strict=True))  # per block and call: first, then second concept
+    pairs = [((a.evaluation, a.mask), (b.evaluation, b.mask)) for a, b in spy.pairs()]
     assert all(float((a * b).max()) == 0 for (_, a), (_, b) in pairs), "masks never overlap"
     # The warm-up is a share of the KSampler's schedule: the steps whose middle lies in its first warmup/25.
     warming = [(step + 0.5) / STEPS < MaskStrategy(strategy).warmup / WARMUP_OF for step in range(STEPS)]
