@@ -23,26 +23,25 @@ def unet_of(model) -> torch.nn.Module:
     return model.get_model_object("diffusion_model")
 
 
-def family_of(model, families: tuple[Family, ...] = (SD_UNET,)) -> Family:
-    """The core's description of the model's family, one of `families` (what the asking node supports): SD1.x,
-    SD2.x and SDXL share one (UNets with SpatialTransformers; the targets say which of them it is), Flux.1 models
-    (comfy.model_base.Flux: dev, schnell, their fine-tunes) another. Any other model (SD3, video DiTs: their
-    BaseModel subclass and prediction type say so) is refused by name before anything looks for its layers."""
+def family_of(model) -> Family:
+    """The core's description of the model's family: SD1.x, SD2.x and SDXL share one (UNets with SpatialTransformers;
+    the targets say which of them it is), Flux.1 models (comfy.model_base.Flux: dev, schnell, their fine-tunes)
+    another. Any other model (SD3, video DiTs: their BaseModel subclass and prediction type say so) is refused by
+    name before anything looks for its layers."""
     base = model.model
-    family = FLUX if isinstance(base, comfy.model_base.Flux) else \
-        SD_UNET if getattr(base, "model_type", None) in _PREDICTIONS else None
-    if family not in families:
-        kind = getattr(getattr(base, "model_type", None), "name", "unknown")
-        flux = " (on Flux: LAG Sampler, LAG LoRA and training)" if family is FLUX else ""
-        raise ResidualError(
-            f"This model is {type(base).__name__} ({kind} prediction): this node supports "
-            f"{', or '.join(f.name for f in families)} checkpoints{flux}. Load one of those with a stock loader."
-        )
-    return family
+    if isinstance(base, comfy.model_base.Flux):
+        return FLUX
+    if getattr(base, "model_type", None) in _PREDICTIONS:
+        return SD_UNET
+    kind = getattr(getattr(base, "model_type", None), "name", "unknown")
+    raise ResidualError(
+        f"This model is {type(base).__name__} ({kind} prediction): the pack supports {SD_UNET.name}, or {FLUX.name} "
+        "checkpoints. Load one of those with a stock loader."
+    )
 
 
-def targets_of(model, families: tuple[Family, ...] = (SD_UNET,)) -> list[Target]:
-    return family_of(model, families).targets(unet_of(model))
+def targets_of(model) -> list[Target]:
+    return family_of(model).targets(unet_of(model))
 
 
 def prediction_of(base_model) -> str:

@@ -18,10 +18,8 @@ from comfy_api.latest import io, ui
 
 from ..residual_core import (
     DEFAULT_MASK_STRATEGY,
-    FLUX,
     MASK_RULES,
     MASK_STRATEGIES,
-    SD_UNET,
     CallLayout,
     Concept,
     LagSession,
@@ -260,7 +258,7 @@ class LagSampler(io.ComfyNode):
         if mode not in MODES:
             raise ResidualError(f"mode must be one of {MODES}, got {mode!r}.")
         check_settings(strength, start_percent, end_percent, mask_rule, mask_value, mask_strategy)
-        targets = targets_of(model, (SD_UNET, FLUX))
+        targets = targets_of(model)
         residual.check_fits(targets)
         meta = residual.meta
         if mode == "LAG" and not (meta.class_word and meta.identifier):
@@ -304,7 +302,7 @@ def with_concept(model, concept: LagConcept, clip, prompt: str, targets):
     earlier = model.get_attachment(PATCH_KEY)  # concepts of LAG nodes earlier in the chain
     concepts = [*(earlier.concepts if earlier else []), concept]
     positive = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
-    family = family_of(model, (SD_UNET, FLUX))
+    family = family_of(model)
     check_companions(model, family, clip)
     patch = LagPatch(concepts, _sessions(concepts, clip, prompt, positive), family, targets)
     m = model.clone()  # the input MODEL keeps its own patch; this clone's replaces it

@@ -17,7 +17,7 @@ import comfy.lora_convert
 import folder_paths
 from comfy_api.latest import io
 
-from ..residual_core import FLUX, SD_UNET, ResidualError, ResidualSet, family_label, fileformat, low_rank, model_family
+from ..residual_core import ResidualError, ResidualSet, family_label, fileformat, low_rank, model_family
 from .advice import in_ui_words
 from .comfy_model import LoraWeights, check_companions, family_of, lora_weights, unet_of
 from .lag import LEGACY_STRATEGY, LagConcept, check_settings, mask_and_window_inputs, sigma_window, with_concept
@@ -161,7 +161,7 @@ class LagLora(io.ComfyNode):
         if path is None:
             raise ResidualError(f"No LoRA {lora_name!r} in models/loras/. Pick one from the list (press R in the UI to "
                                 "refresh it).")
-        family = family_of(model, (SD_UNET, FLUX))
+        family = family_of(model)
         check_companions(model, family, clip)
         targets = family.targets(unet_of(model))
         masked, unmaskable, text_encoder = split_lora(model, clip, fileformat.read_tensors(path), targets, family)

@@ -7,7 +7,7 @@ import comfy.model_management
 import comfy.sample
 import torch
 
-from ..residual_core import FLUX, SD_UNET, ResidualError, ResidualSet, locate_concept
+from ..residual_core import FLUX, ResidualError, ResidualSet, locate_concept
 from .comfy_model import family_of, tokenizer_of
 from .lag import LagConcept, with_concept
 from .pictures import sample_grid
@@ -91,7 +91,7 @@ def _sample(model, vae, positive, negative, latent, steps, seed) -> torch.Tensor
     for every sample; Cancel is still checked at every step."""
     latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
     noise = comfy.sample.prepare_noise(latent_image, seed)
-    cfg = 1.0 if family_of(model, (SD_UNET, FLUX)) is FLUX else CFG  # Flux.1 is guidance-distilled: no CFG
+    cfg = 1.0 if family_of(model) is FLUX else CFG  # Flux.1 is guidance-distilled: no CFG
     out = comfy.sample.sample(model, noise, steps, cfg, SAMPLER, SCHEDULER, positive, negative, latent_image,
                               callback=_check_cancel, disable_pbar=True, seed=seed)
     return vae.decode(out)[0].float().cpu().clamp(0, 1)  # [H, W, 3]

@@ -13,12 +13,10 @@ from comfy_api.latest import io
 
 from ..residual_core import (
     DEFAULT_RESOLUTION,
-    FLUX,
     INITS,
     MASK_MARKS,
     MAX_SIDE,
     MIN_SIDE,
-    SD_UNET,
     ResidualError,
     ResidualMeta,
     ResidualSet,
@@ -259,7 +257,7 @@ class TrainPersonalizedResidual(io.ComfyNode):
             check_range("resolution", resolution, MIN_SIDE, MAX_SIDE, "Use 0 for the model's native one.")
             if resolution % 8:
                 raise ResidualError(f"resolution must be a multiple of 8 (the VAE's scale), got {resolution}.")
-        family = family_of(model, (SD_UNET, FLUX))  # refuses a model of another family by name
+        family = family_of(model)  # refuses a model of another family by name
         check_companions(model, family, clip, vae)
         targets = family.targets(unet_of(model))
         prediction = prediction_of(model.model)

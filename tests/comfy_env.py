@@ -76,9 +76,9 @@ def train(model, clip, vae, images, **overrides):
 def concept_residual(model, seed=0):
     """A residual with random factors for `model`, made for the concept 'sks dog'."""
     from personalized_residuals.nodes.comfy_model import targets_of
-    from personalized_residuals.residual_core import FLUX, SD_UNET, ResidualSet
+    from personalized_residuals.residual_core import ResidualSet
 
-    residual = ResidualSet.for_targets(targets_of(model, (SD_UNET, FLUX)), 0.25, "random", seed)
+    residual = ResidualSet.for_targets(targets_of(model), 0.25, "random", seed)
     residual.meta.class_word, residual.meta.identifier = "dog", "sks"
     return residual
 

@@ -103,12 +103,12 @@ def test_a_model_of_neither_family_and_companions_of_the_other_family_are_refuse
     from comfyui_models import build_flux_clip, build_vae
     from personalized_residuals.nodes.comfy_model import family_of
     from personalized_residuals.nodes.lag import LagSampler
-    from personalized_residuals.residual_core import FLUX, SD_UNET, ResidualError
+    from personalized_residuals.residual_core import ResidualError
 
     sd3_like = SimpleNamespace(model=type("SD3", (), {"model_type": ModelType.FLOW})())
-    with pytest.raises(ResidualError, match=r"This model is SD3 \(FLOW prediction\): this node supports SD1.x, SD2.x "
+    with pytest.raises(ResidualError, match=r"This model is SD3 \(FLOW prediction\): the pack supports SD1.x, SD2.x "
                                             r"and SDXL, or Flux.1 checkpoints"):
-        family_of(sd3_like, (SD_UNET, FLUX))
+        family_of(sd3_like)
     flux_clip, photos = build_flux_clip(), [torch.rand(1, 64, 64, 3)]
     lag = {"mode": "LAG", "strength": 1.0, "mask_rule": "max_fraction", "mask_value": 0.5, "start_percent": 0.0,
            "end_percent": 1.0}

@@ -180,7 +180,7 @@ def test_train_personalized_residual_on_flux_and_sample_it_with_lag(flux, flux_c
     from comfyui_models import build_vae
     from personalized_residuals.nodes.comfy_model import targets_of
     from personalized_residuals.nodes.lag import LagSampler
-    from personalized_residuals.residual_core import FLUX, model_family
+    from personalized_residuals.residual_core import model_family
 
     import nodes as comfy_nodes
 
@@ -190,7 +190,7 @@ def test_train_personalized_residual_on_flux_and_sample_it_with_lag(flux, flux_c
     recomputed = train(flux, flux_clip, vae, photos, steps=4, batch_size=1, gradient_checkpointing=True)[0]
     for key, layer in residual.layers.items():  # gradient checkpointing recomputes the same blocks, hooks included
         torch.testing.assert_close(recomputed.layers[key].weight_delta(), layer.weight_delta())
-    assert residual.meta.base_family == model_family(targets_of(flux, (FLUX,))) == "custom-flux-2+2x64"
+    assert residual.meta.base_family == model_family(targets_of(flux)) == "custom-flux-2+2x64"
     assert all(float(layer.up.abs().sum()) > 0 for layer in residual.layers.values()), "a layer got no gradient"
     assert weights_hash(flux) == before, "training changed the Flux model"
     assert curve.ndim == 4 and curve.shape[-1] == 3
