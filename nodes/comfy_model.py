@@ -14,7 +14,7 @@ import torch
 from comfy.model_base import ModelType
 from comfy.weight_adapter import LoRAAdapter
 
-from ..residual_core import FLUX, SD_UNET, Family, ResidualError, SchedulePosition, Target, Tokenize, weights_hash
+from ..residual_core import CHROMA, FLUX, SD_UNET, Family, ResidualError, SchedulePosition, Target, Tokenize, weights_hash
 
 _PREDICTIONS = {ModelType.EPS: "eps", ModelType.V_PREDICTION: "v"}
 
@@ -29,14 +29,14 @@ def family_of(model) -> Family:
     another. Any other model (SD3, video DiTs: their BaseModel subclass and prediction type say so) is refused by
     name before anything looks for its layers."""
     base = model.model
-    if isinstance(base, comfy.model_base.Flux):
-        return FLUX
+    if isinstance(base, comfy.model_base.Flux) and not isinstance(base, comfy.model_base.ChromaRadiance):
+        return CHROMA if isinstance(base, comfy.model_base.Chroma) else FLUX  # Chroma subclasses Flux
     if getattr(base, "model_type", None) in _PREDICTIONS:
         return SD_UNET
     kind = getattr(getattr(base, "model_type", None), "name", "unknown")
     raise ResidualError(
-        f"This model is {type(base).__name__} ({kind} prediction): the pack supports {SD_UNET.name}, or {FLUX.name} "
-        "checkpoints. Load one of those with a stock loader."
+        f"This model is {type(base).__name__} ({kind} prediction): the pack supports {SD_UNET.name}, {FLUX.name} or "
+        f"{CHROMA.name} checkpoints. Load one of those with a stock loader."
     )
 
 
@@ -103,16 +103,16 @@ def context_key(tokens: dict) -> str:
 
 
 def check_companions(model, family: Family, clip=None, vae=None) -> None:
-    """A CLIP or VAE of another model family than `model`'s (Flux's T5 text encoder or 16-channel VAE with an SD
-    UNet, or the reverse) is refused, naming both sides, before either runs: the mismatch would otherwise surface
+    """A CLIP or VAE of another model family than `model`'s (Flux's or Chroma's T5 text encoder or 16-channel VAE
+    with an SD UNet, or the reverse) is refused, naming both sides, before either runs: the mismatch would otherwise surface
     as a shape error deep inside the model."""
     label = family.name
     if clip is not None and hasattr(clip, "tokenize"):
-        flux_clip = context_key(clip.tokenize("")) == "t5xxl"
-        if flux_clip != (family is FLUX):
-            kind = "Flux's text encoders (T5-XXL and CLIP-L)" if flux_clip else "an SD text encoder (no T5-XXL)"
-            fix = ("a DualCLIPLoader of type flux (t5xxl and clip_l)" if family is FLUX
-                   else "the checkpoint's own CLIP output")
+        t5 = context_key(clip.tokenize("")) == "t5xxl"
+        if t5 != (family in (FLUX, CHROMA)):
+            kind = "a T5-XXL text encoder (Flux's, Chroma's)" if t5 else "an SD text encoder (no T5-XXL)"
+            fix = {FLUX: "a DualCLIPLoader of type flux (t5xxl and clip_l)",
+                   CHROMA: "a CLIPLoader of type chroma (t5xxl)"}.get(family, "the checkpoint's own CLIP output")
             raise ResidualError(f"clip is {kind} but the model is {label}: connect {fix}.")
     channels = getattr(getattr(model.model, "latent_format", None), "latent_channels", None)
     got = getattr(vae, "latent_channels", None)
@@ -142,14 +142,18 @@ def tokenizer_of(clip) -> Tokenize:
 
 # ---------------------------------------------------------------- sampling calls (LAG)
 
-# UNetModel.forward and Flux.forward hand their arguments to DIFFUSION_MODEL wrappers by position, in these
-# orders (comfy/ldm/modules/diffusionmodules/openaimodel.py, comfy/ldm/flux/model.py).
-UNET_CALL_ARGS = ("x", "timesteps", "context", "y", "control", "transformer_options")
-FLUX_CALL_ARGS = ("x", "timestep", "context", "y", "guidance", "ref_latents", "control", "transformer_options")
+# UNetModel.forward, Flux.forward and Chroma.forward hand their arguments to DIFFUSION_MODEL wrappers by position,
+# in these orders (comfy/ldm/modules/diffusionmodules/openaimodel.py, comfy/ldm/flux/model.py, ldm/chroma/model.py).
+CALL_ARGS = {
+    SD_UNET.name: ("x", "timesteps", "context", "y", "control", "transformer_options"),
+    FLUX.name: ("x", "timestep", "context", "y", "guidance", "ref_latents", "control", "transformer_options"),
+    CHROMA.name: ("x", "timestep", "context", "guidance", "control", "transformer_options"),  # comfy/ldm/chroma/model.py
+}
+UNET_CALL_ARGS = CALL_ARGS[SD_UNET.name]
 
 
 def call_args_of(family: Family) -> tuple[str, ...]:
-    return FLUX_CALL_ARGS if family is FLUX else UNET_CALL_ARGS
+    return CALL_ARGS[family.name]
 
 
 def unet_call_arg(args: tuple, kwargs: dict, name: str, default=None, order: tuple[str, ...] = UNET_CALL_ARGS):

@@ -4,7 +4,7 @@ nodes use is exported here."""
 from . import fileformat
 from .captions import PhotoPrompts, photo_prompts
 from .errors import ResidualError, TrainingDiverged, check_range
-from .family import FLUX, SD_UNET, AttentionSite, Family, layer_block
+from .family import CHROMA, FLUX, SD_UNET, AttentionSite, Family, layer_block
 from .hooks import Attached, Concept, attach, frozen
 from .images import MASK_MARKS, MAX_SIDE, MIN_SIDE, mask_warnings, photo_warnings, square_batch, square_masks
 from .lag import MASK_RULES, CallLayout, LagSession, check_rule, resolve_overlaps, threshold, token_attention
@@ -27,7 +27,7 @@ from .train import (
 from .words import identifier_warnings
 
 __all__ = [
-    "attach", "Attached", "AttentionSite", "CallLayout", "check_range", "check_rule", "check_strategy", "Concept",
+    "attach", "Attached", "AttentionSite", "CallLayout", "CHROMA", "check_range", "check_rule", "check_strategy", "Concept",
     "ConceptTokens", "DEFAULT_MASK_STRATEGY", "DEFAULT_RESOLUTION", "Family", "family_label", "fileformat",
     "find_targets", "fit", "FLUX", "frozen", "identifier_warnings", "INITS", "KINDS", "LagSession", "latent_masks",
     "layer_block", "locate_concept", "LossScaler", "low_rank", "LowRankResidual", "MASK_DILATION", "MASK_MARKS",

@@ -23,7 +23,8 @@ of the call's latent. A residual goes on each double block's image-stream output
 applies to the image rows; the text rows are unmaskable (applied or left out as such layers are). Layers of a
 double block's image stream (img_attn.qkv/proj, img_mlp) and a single block's linear1/linear2 take the block's
 mask; the text stream, the modulation layers and everything outside the blocks are unmaskable. Reference
-latents (Kontext) follow the image tokens; no mask applies to them.
+latents (Kontext) follow the image tokens; no mask applies to them. Chroma (CHROMA) has Flux's blocks, so the
+same description but for the layers it changes in place.
 """
 
 from __future__ import annotations
@@ -153,3 +154,14 @@ def _flux_norms_before_in_place_adds(dit: nn.Module) -> list[nn.Module]:
 
 FLUX = Family("Flux.1", flux_targets, flux_mask_block, joint=JointAttention(2, _flux_block), rows=_flux_rows,
               changed_in_place=_flux_norms_before_in_place_adds)
+
+
+def _chroma_norms_before_in_place_adds(dit: nn.Module) -> list[nn.Module]:
+    return [*(n for b in dit.double_blocks for n in (b.img_norm1, b.img_norm2, b.txt_norm1, b.txt_norm2)),
+            *(b.pre_norm for b in dit.single_blocks)]
+
+
+# Chroma: Flux.1 schnell's blocks without their modulation layers (one small network makes every block's
+# modulation), T5 alone as its text encoder; it adds to the image stream in place too.
+CHROMA = Family("Chroma", flux_targets, flux_mask_block, joint=JointAttention(2, _flux_block), rows=_flux_rows,
+                changed_in_place=_chroma_norms_before_in_place_adds)

@@ -152,6 +152,26 @@ def build_flux(hidden: int = 64, heads: int = 4, depth: int = 2, single: int = 2
     return patcher(model)
 
 
+def build_chroma(hidden: int = 64, heads: int = 4, depth: int = 2, single: int = 2, context_dim: int = 32):
+    """Chroma's layout (Flux.1's double and single blocks, no modulation layers: one approximator network makes
+    them; 2x2 patches over 16 latent channels) through ComfyUI's own Chroma classes, `hidden` wide."""
+    import comfy.supported_models
+    import torch
+
+    head = hidden // heads
+    config = {"image_model": "chroma", "in_channels": 64, "out_channels": 64, "patch_size": 2,
+              "context_in_dim": context_dim, "hidden_size": hidden, "mlp_ratio": 4.0, "num_heads": heads,
+              "depth": depth, "depth_single_blocks": single, "axes_dim": [head // 4, 3 * head // 8, 3 * head // 8],
+              "theta": 10000, "qkv_bias": True, "in_dim": 64, "out_dim": hidden, "hidden_dim": 2 * hidden, "n_layers": 2}
+    with torch.inference_mode():
+        model = comfy.supported_models.Chroma(config).get_model({}, device="cpu")
+        randomize(model, 3)
+        for name, p in model.named_parameters():  # RMSNorm scales: ones, as trained models start
+            if name.endswith(".scale"):
+                p.fill_(1.0)
+    return patcher(model)
+
+
 def build_clip(kind="sd1", width: int = 32):
     """A comfy.sd.CLIP with the real tokenizer and a 2-layer random text transformer `width` wide."""
     import comfy.sd

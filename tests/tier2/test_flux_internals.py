@@ -107,8 +107,11 @@ def test_a_model_of_neither_family_and_companions_of_the_other_family_are_refuse
 
     sd3_like = SimpleNamespace(model=type("SD3", (), {"model_type": ModelType.FLOW})())
     with pytest.raises(ResidualError, match=r"This model is SD3 \(FLOW prediction\): the pack supports SD1.x, SD2.x "
-                                            r"and SDXL, or Flux.1 checkpoints"):
+                                            r"and SDXL, Flux.1 or Chroma checkpoints"):
         family_of(sd3_like)
+    import comfy.model_base  # Chroma Radiance subclasses Chroma, which subclasses Flux, but works in pixel space
+    with pytest.raises(ResidualError, match=r"This model is ChromaRadiance .*the pack supports"):
+        family_of(SimpleNamespace(model=object.__new__(comfy.model_base.ChromaRadiance)))
     flux_clip, photos = build_flux_clip(), [torch.rand(1, 64, 64, 3)]
     lag = {"mode": "LAG", "strength": 1.0, "mask_rule": "max_fraction", "mask_value": 0.5, "start_percent": 0.0,
            "end_percent": 1.0}
@@ -122,7 +125,7 @@ def test_a_model_of_neither_family_and_companions_of_the_other_family_are_refuse
                                              **lag),
                                  r"clip is an SD text encoder \(no T5-XXL\) but the model is Flux.1.*DualCLIPLoader"),
         "a Flux CLIP with SD": (lambda: train(sd15, flux_clip, vae, photos),
-                                r"clip is Flux's text encoders \(T5-XXL and CLIP-L\) but the model is SD1.x, SD2.x and SDXL"),
+                                r"clip is a T5-XXL text encoder \(Flux's, Chroma's\) but the model is SD1.x, SD2.x and SDXL"),
         "an SD VAE with Flux": (lambda: train(flux, flux_clip, vae, photos),
                                 "vae makes 4-channel latents but the model \\(Flux.1\\) takes 16"),
         "a Flux VAE with SD": (lambda: train(sd15, clip, build_vae(16), photos), "vae makes 16-channel latents"),

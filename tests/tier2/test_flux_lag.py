@@ -130,6 +130,15 @@ def test_another_nodes_override_still_runs_and_two_concepts_never_overlap(flux):
             assert not (ma * mb).any(), "two concepts' masks overlap"
 
 
+@pytest.fixture(scope="module", params=["flux", "chroma"])
+def dit(request, flux):
+    """The node-level tests run on Flux.1 and on Chroma (Flux's blocks without their modulation layers, another
+    call signature and in-place adds on the image stream too): the same family description but for those."""
+    from comfyui_models import build_chroma
+
+    return flux if request.param == "flux" else build_chroma()
+
+
 @pytest.fixture(scope="module")
 def flux_clip():
     from comfyui_models import build_flux_clip
@@ -140,7 +149,7 @@ def flux_clip():
 PROMPT = "a photo of a sks dog on the beach"
 
 
-def test_lag_sampler_on_flux_through_the_ksampler(flux, flux_clip, loras_dir, monkeypatch):
+def test_lag_sampler_on_flux_through_the_ksampler(dit, flux_clip, loras_dir, monkeypatch):
     """The LAG Sampler node on a Flux model, sampled by the stock KSampler (cfg 1, guidance-distilled as dev is):
     one model evaluation per step, the model unchanged after, mode global equal to the saved file in ComfyUI's own
     LoRA loading, and LAG neither of them nor the base."""
@@ -149,30 +158,31 @@ def test_lag_sampler_on_flux_through_the_ksampler(flux, flux_clip, loras_dir, mo
 
     import nodes as comfy_nodes
 
-    residual = concept_residual(flux, seed=4)
+    residual = concept_residual(dit, seed=4)
     negative = comfy_nodes.CLIPTextEncode().encode(flux_clip, "")[0]
     settings = {"strength": 1.0, "mask_rule": "max_fraction", "mask_value": 0.5, "start_percent": 0.0,
                 "end_percent": 1.0, "mask_strategy": "per_block"}
-    before = weights_hash(flux)
+    before = weights_hash(dit)
     sample = lambda m, positive: ksample(m, positive, negative, cfg=1.0, steps=3, size=8, channels=16)  # noqa: E731
-    lagged, positive = run(LagSampler, flux, residual, flux_clip, PROMPT, mode="LAG", **settings)
+    lagged, positive = run(LagSampler, dit, residual, flux_clip, PROMPT, mode="LAG", **settings)
     spy = spy_sampling(monkeypatch)
     lag_out = sample(lagged, positive)
     assert len(spy.evaluations) == 3, "one model evaluation per step"
     means = lagged.get_attachment(PATCH_KEY).sessions[0].mean_masks()
-    assert len(means) == 4 and all(m.shape == (1, 16) and 0 < float(m.mean()) < 1 for m in means.values())
+    assert len(means) == 4 and all(m.shape == (1, 16) for m in means.values())  # a mask per block on the 4x4 patches
+    assert any(0 < float(m.mean()) < 1 for m in means.values()), "LAG masked nothing anywhere"
     preview = run(LagMaskPreview, lagged, {"samples": lag_out})[0]  # the 4x4 patch grid drawn over the 8x8 latent
     assert preview.shape == (1, 64, 64, 3) and 0 < float(preview.mean()) < 1
-    everywhere = sample(run(LagSampler, flux, residual, flux_clip, PROMPT, mode="global", **settings)[0], positive)
-    stock = sample(stock_lora(flux, residual, loras_dir), positive)
-    base = sample(flux, positive)
+    everywhere = sample(run(LagSampler, dit, residual, flux_clip, PROMPT, mode="global", **settings)[0], positive)
+    stock = sample(stock_lora(dit, residual, loras_dir), positive)
+    base = sample(dit, positive)
     torch.testing.assert_close(everywhere, stock, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(stock, base, atol=1e-4), "the stock loader did not apply the saved file"
     assert not torch.allclose(lag_out, everywhere, atol=1e-4) and not torch.allclose(lag_out, base, atol=1e-4)
-    assert weights_hash(flux) == before, "the Flux model changed"
+    assert weights_hash(dit) == before, "the model changed"
 
 
-def test_train_personalized_residual_on_flux_and_sample_it_with_lag(flux, flux_clip, loras_dir):
+def test_train_personalized_residual_on_flux_and_sample_it_with_lag(dit, flux_clip, loras_dir):
     """Training on Flux through ComfyUI's own model call (rectified flow: the target is eps - x0 at the model's own
     sigmas; guidance: the conditioning's default): a residual from zeros gets gradients on every layer, the
     model is unchanged, the file loads in the stock loader and LAG Sampler samples with it."""
@@ -184,25 +194,25 @@ def test_train_personalized_residual_on_flux_and_sample_it_with_lag(flux, flux_c
 
     import nodes as comfy_nodes
 
-    before = weights_hash(flux)
+    before = weights_hash(dit)
     vae, photos = build_vae(16), [torch.rand(1, 64, 64, 3)]
-    residual, curve, _ = train(flux, flux_clip, vae, photos, steps=4, batch_size=1)
-    recomputed = train(flux, flux_clip, vae, photos, steps=4, batch_size=1, gradient_checkpointing=True)[0]
+    residual, curve, _ = train(dit, flux_clip, vae, photos, steps=4, batch_size=1)
+    recomputed = train(dit, flux_clip, vae, photos, steps=4, batch_size=1, gradient_checkpointing=True)[0]
     for key, layer in residual.layers.items():  # gradient checkpointing recomputes the same blocks, hooks included
         torch.testing.assert_close(recomputed.layers[key].weight_delta(), layer.weight_delta())
-    assert residual.meta.base_family == model_family(targets_of(flux)) == "custom-flux-2+2x64"
+    assert residual.meta.base_family == model_family(targets_of(dit)) == "custom-flux-2+2x64"
     assert all(float(layer.up.abs().sum()) > 0 for layer in residual.layers.values()), "a layer got no gradient"
-    assert weights_hash(flux) == before, "training changed the Flux model"
+    assert weights_hash(dit) == before, "training changed the model"
     assert curve.ndim == 4 and curve.shape[-1] == 3
     negative = comfy_nodes.CLIPTextEncode().encode(flux_clip, "")[0]
     sample = lambda m, p: ksample(m, p, negative, cfg=1.0, steps=2, size=8, channels=16)  # noqa: E731
-    lagged, positive = run(LagSampler, flux, residual, flux_clip, PROMPT, strength=1.0, mode="LAG",
+    lagged, positive = run(LagSampler, dit, residual, flux_clip, PROMPT, strength=1.0, mode="LAG",
                            mask_rule="max_fraction", mask_value=0.5, start_percent=0.0, end_percent=1.0)
     assert torch.isfinite(sample(lagged, positive)).all()
-    assert not torch.equal(sample(stock_lora(flux, residual, loras_dir), positive), sample(flux, positive))
+    assert not torch.equal(sample(stock_lora(dit, residual, loras_dir), positive), sample(dit, positive))
 
 
-def flux_lora(path, flux, select, scale=0.3):
+def flux_lora(path, dit, select, scale=0.3):
     """A random rank-2 kohya-named Flux LoRA (lora_unet_double_blocks_0_img_attn_proj, ...) on every layer of the
     DiT whose path `select`s; each layer's factors depend on its name only."""
     import zlib
@@ -210,7 +220,7 @@ def flux_lora(path, flux, select, scale=0.3):
     import safetensors.torch
 
     sd = {}
-    for key, w in flux.model.diffusion_model.state_dict().items():
+    for key, w in dit.model.diffusion_model.state_dict().items():
         path_ = key[:-len(".weight")]
         if not key.endswith(".weight") or w.ndim != 2 or not select(path_):
             continue
@@ -228,7 +238,7 @@ UNMASKABLE = ("txt_attn.qkv", "txt_mlp.0", "img_mod.lin", "modulation.lin", "fin
 
 
 def test_lag_lora_on_flux_masks_the_image_stream_ones_are_the_stock_loader_and_zeros_skipped_the_base(
-        flux, flux_clip, loras_dir, monkeypatch):
+        dit, flux_clip, loras_dir, monkeypatch):
     from comfy_env import ksample, run
     from personalized_residuals.nodes.lag import PATCH_KEY
     from personalized_residuals.nodes.lora import LagLora
@@ -236,22 +246,22 @@ def test_lag_lora_on_flux_masks_the_image_stream_ones_are_the_stock_loader_and_z
 
     import nodes as comfy_nodes
 
-    name = flux_lora(loras_dir / "flux.safetensors", flux, lambda p: p.endswith(AFTER_ATTENTION + UNMASKABLE))
+    name = flux_lora(loras_dir / "flux.safetensors", dit, lambda p: p.endswith(AFTER_ATTENTION + UNMASKABLE))
     negative = comfy_nodes.CLIPTextEncode().encode(flux_clip, "")[0]
     sample = lambda m, p: ksample(m, p, negative, cfg=1.0, steps=2, size=8, channels=16)  # noqa: E731
 
     def lag_lora(unmaskable):
-        return run(LagLora, model=flux, clip=flux_clip, lora_name=name, trigger_word="sks", class_word="dog",
+        return run(LagLora, model=dit, clip=flux_clip, lora_name=name, trigger_word="sks", class_word="dog",
                    prompt=PROMPT, strength=1.0, unmaskable_layers=unmaskable, mask_rule="max_fraction", mask_value=0.5,
                    start_percent=0.0, end_percent=1.0)
 
     m, positive, _ = lag_lora("apply globally")
     masked = m.get_attachment(PATCH_KEY).concepts[0].residual.layers
-    dit = flux.model.diffusion_model
-    assert len(masked) == 3 * len(dit.double_blocks) + len(dit.single_blocks)
+    blocks = dit.model.diffusion_model
+    assert len(masked) == 3 * len(blocks.double_blocks) + len(blocks.single_blocks)
     assert all(p.endswith(AFTER_ATTENTION) for p in masked), "only the image stream's layers are masked"
-    stock = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(flux, name, 1.0)[0]
-    base = sample(flux, positive)
+    stock = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(dit, name, 1.0)[0]
+    base = sample(dit, positive)
     assert (sample(stock, positive) - base).abs().max() > 1e-3, "the LoRA must matter for this test to mean anything"
     monkeypatch.setattr(lag, "threshold", lambda attn, rule, v: torch.ones_like(attn))
     # Merged weights compute (W + dW) x, the hooks W x + dW x: equal up to float32 rounding.
@@ -261,7 +271,7 @@ def test_lag_lora_on_flux_masks_the_image_stream_ones_are_the_stock_loader_and_z
     assert torch.equal(sample(skipped, positive), base), "zero masks and the unmaskable layers skipped: the base"
 
 
-def test_two_flux_loras_chained_each_in_its_own_mask_in_one_pass_per_step(flux, flux_clip, loras_dir, monkeypatch):
+def test_two_flux_loras_chained_each_in_its_own_mask_in_one_pass_per_step(dit, flux_clip, loras_dir, monkeypatch):
     """The multi-character case: two LAG LoRAs on one Flux model, the last node's prompt naming both; one model
     evaluation per step and, block by block, masks that never overlap."""
     from comfy_env import ksample, run, spy_sampling
@@ -270,9 +280,9 @@ def test_two_flux_loras_chained_each_in_its_own_mask_in_one_pass_per_step(flux, 
     import nodes as comfy_nodes
 
     prompt = "a photo of a sks dog and a zwx cat"
-    names = [flux_lora(loras_dir / f"{n}.safetensors", flux, lambda p, n=n: p.endswith(AFTER_ATTENTION), scale=s)
+    names = [flux_lora(loras_dir / f"{n}.safetensors", dit, lambda p, n=n: p.endswith(AFTER_ATTENTION), scale=s)
              for n, s in (("a", 0.3), ("b", 0.2))]
-    m = flux
+    m = dit
     for name, (ident, cls) in zip(names, (("sks", "dog"), ("zwx", "cat")), strict=True):
         m, positive, _ = run(LagLora, model=m, clip=flux_clip, lora_name=name, trigger_word=ident, class_word=cls,
                              prompt=prompt, strength=1.0, unmaskable_layers="apply globally", mask_rule="max_fraction",
