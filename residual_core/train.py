@@ -2,10 +2,10 @@
 
 The loss is the standard diffusion MSE at uniformly drawn discrete timesteps, on epsilon or on v
 (SD2.x-v), or on the rectified flow's velocity (Flux: x_t = (1 - s) x0 + s eps, target eps - x0, s drawn
-from the model's own sigma schedule), matching how the base model was trained. Latents and the text conditioning are fixed for
-the run (the caller encodes them once). Every random draw comes from one generator seeded by the seed: the
-image order, flips and timesteps up front (a few numbers per step), the noise one step at a time (see
-_step_noise), the same numbers as one up-front draw would give.
+from the model's own sigma schedule), matching how the base model was trained. Latents and the text
+conditioning are fixed for the run (the caller encodes them once). Every random draw comes from one
+generator seeded by the seed: the image order, flips and timesteps up front (a few numbers per step), the
+noise one step at a time (see _step_noise), the same numbers as one up-front draw would give.
 
 With subject masks (one per photo) the loss counts only the subject: each photo's squared error is averaged
 over its mask (taken to the latent's resolution and dilated by MASK_DILATION), so the loss is on the same

@@ -95,6 +95,23 @@ def test_the_loss_target_follows_the_prediction_type(prediction):
     assert losses.max() < 1e-6
 
 
+@pytest.mark.parametrize("sign", [1, -1])
+def test_the_flow_target_is_eps_minus_x0_at_the_schedules_sigmas(sign):
+    """Rectified flow (Flux): x_t = (1 - s) x0 + s eps with s the schedule's sigma at t; the target is eps - x0,
+    so an oracle that returns it has no loss, and one that returns x0 - eps has."""
+    unet, residual, latents, _, ctx = _setup()
+    x0 = latents[:1].expand(2, -1, -1, -1)
+    sigmas = torch.linspace(0.05, 1.0, len(ALPHAS))
+
+    def oracle(x_t, t, index):
+        s = sigmas[t].view(-1, 1, 1, 1)
+        eps = (x_t - (1 - s) * x0[: len(x_t)]) / s
+        return sign * (eps - x0[: len(x_t)]) + 0 * unet(x_t, t, ctx.expand(len(x_t), -1, -1))
+
+    losses = train_residual(residual, unet, oracle, latents[:1], sigmas, "flow", TrainConfig(steps=2, batch_size=2))
+    assert (losses.max() < 1e-6) if sign == 1 else (losses.min() > 0.1)
+
+
 def test_bad_prediction_or_latents_are_refused():
     unet, residual, latents, denoiser, _ = _setup()
     with pytest.raises(ResidualError, match="prediction"):
