@@ -27,7 +27,6 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -59,7 +58,7 @@ from .evaluate import (
 from .masked_loss import N_REFERENCES, extra_object, references_with_company
 from .methods import Trained
 from .world.concepts import Concept, evaluated_concepts
-from .world.model import WorldModel, to_latent
+from .world.model import WorldModel, start_run, to_latent
 from .world.scenes import SHAPES, render, shape_mask
 
 LAG = ("max_fraction", 0.5)
@@ -255,11 +254,8 @@ def main() -> None:
     ap.add_argument("--no-pairs", action="store_true", help="the per-concept comparison only")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    started = time.time()
-    model = WorldModel.load()
+    run = start_run(args.out)
+    out, model = run.out, run.model
     evaluated = evaluated_concepts()[:args.concepts]
     seeds = list(range(1 if args.quick else args.seeds))
     weights = [None, *(float(w) for w in args.weights.split(","))]
@@ -273,7 +269,7 @@ def main() -> None:
     pair_rows, pool = [], list(pairs.pairs_of(evaluated)[0]) if args.quick else evaluated
     if not args.no_pairs:
         pair_rows = run_pairs(model, pool, seeds, lr, weights, log)
-    minutes = (time.time() - started) / 60
+    minutes = run.minutes
     text = ["# Attention-guided training in the evaluation world\n",
             f"Command: `{' '.join(['python -m bench.attention_training', *sys.argv[1:]])}` ({minutes:.0f} min, "
             f"{torch.get_num_threads()} CPU thread(s)). Concepts: {', '.join(c.name for c in shown)}; "

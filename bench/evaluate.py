@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from .pairs import BASE, GLOBAL, MERGED, pairs_of, pairs_table, run_pairs
 from .pictures import grid_png, pair_grid, scatter_png
 from .world import oracle
 from .world.concepts import Concept, evaluated_concepts, load_concepts
-from .world.model import WorldModel, to_latent
+from .world.model import start_run, to_latent
 from .world.scenes import SHAPES, distinct_colors, render
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -291,11 +290,8 @@ def main() -> None:
     ap.add_argument("--no-pairs", action="store_true", help="skip the two-concept evaluation")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    started = time.time()
-    model = WorldModel.load()
+    run = start_run(args.out)
+    out, model = run.out, run.model
     concepts, tuning = load_concepts()
     lrs_path = out / "learning_rates.json"
     if args.tune or args.tune_only:
@@ -327,7 +323,7 @@ def main() -> None:
         # The default strategy beside the baselines; every strategy's row: python -m bench.pairs (44 min).
         pair_rows = run_pairs(model, evaluated, seeds, lrs["residuals"], RANK_FRACTION, shown=pair_shown,
                               log=lambda s: print(s, flush=True), variants=EVALUATED_PAIRS)
-    minutes = (time.time() - started) / 60
+    minutes = run.minutes
     (out / "results.json").write_text(json.dumps({"learning_rates": lrs, "rows": rows, "summary": summary,
                                                   "pair_rows": pair_rows}, indent=1))
     journal.unlink(missing_ok=True)

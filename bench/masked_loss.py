@@ -22,7 +22,6 @@ import json
 import random
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -44,7 +43,7 @@ from .evaluate import (
 from .methods import Trained
 from .world import oracle
 from .world.concepts import Concept, evaluated_concepts
-from .world.model import WorldModel, to_latent
+from .world.model import WorldModel, start_run, to_latent
 from .world.scenes import SHAPES, Obj, Scene, distinct_colors, place, render, shape_mask
 
 N_REFERENCES = 5
@@ -140,11 +139,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="1 concept, 1 seed")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    started = time.time()
-    model = WorldModel.load()
+    run = start_run(args.out)
+    out, model = run.out, run.model
     evaluated = evaluated_concepts()
     seeds = list(range(1 if args.quick else args.seeds))
     if args.quick or args.concepts:
@@ -152,7 +148,7 @@ def main() -> None:
     lr = residual_lr()
     rows = run(model, evaluated, seeds, lr, log=lambda s: print(s, flush=True))
     summary = summarize(rows)
-    minutes = (time.time() - started) / 60
+    minutes = run.minutes
     table = markdown_table(summary)
     print(table)
     if args.quick:

@@ -38,7 +38,7 @@ from personalized_residuals.residual_core.residual import LowRankResidual
 from . import methods
 from .world import oracle
 from .world.concepts import Concept as WorldConcept
-from .world.model import to_latent
+from .world.model import WorldRun, start_run, to_latent
 from .world.scenes import COLOR_NAMES, IDENTIFIERS, MAX_WORDS, distinct_colors, render
 from .world.unet import attention_override
 
@@ -301,13 +301,9 @@ def main() -> None:
     from .evaluate import RANK_FRACTION, residual_lr
     from .pictures import pair_grid
     from .world.concepts import evaluated_concepts
-    from .world.model import WorldModel
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    started = time.time()
-    model = WorldModel.load()
+    run = start_run(args.out)
+    out, model = run.out, run.model
     evaluated = evaluated_concepts()
     lr = residual_lr()
     seeds = list(range(1 if args.quick else args.seeds))
@@ -329,15 +325,15 @@ def main() -> None:
         a, b = pairs_of(pool)[0]
         pair_grid(out / "pairs_grid.png", shown, f"{a.name} (sks) + {b.name} (zwx), seed {seeds[0]}",
                   render(a.references()[:2] + b.references()[:2]))
-        _write(out, rows, [], command, started)  # the pairs' results stand even if the triples are cut short
+        _write(out, rows, [], command, run)  # the pairs' results stand even if the triples are cut short
     if args.triples or args.only_triples:
         triples = run_pairs(model, evaluated, seeds, lr, RANK_FRACTION, log=log, size=3, variants=triple_variants,
                             cache=cache)
-        _write(out, rows, triples, command, started)
+        _write(out, rows, triples, command, run)
 
 
-def _write(out: Path, rows: list[dict], triples: list[dict], command: str, started: float) -> None:
-    minutes = (time.time() - started) / 60
+def _write(out: Path, rows: list[dict], triples: list[dict], command: str, run: WorldRun) -> None:
+    minutes = run.minutes
     if not rows:  # triples alone: kept apart, and joined to the pairs run's results in the same folder
         (out / "triples.json").write_text(json.dumps({"triples": triples, "minutes": minutes}, indent=1))
         if not (out / "pairs.json").exists():

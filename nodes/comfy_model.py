@@ -5,6 +5,7 @@ assumption is pinned by tests/tier2/test_comfy_internals.py, which names it when
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -129,12 +130,15 @@ def tokenizer_of(clip) -> Tokenize:
         tokens = clip.tokenize(text)
         return [[t[0] if isinstance(t[0], int) else -1 for t in chunk] for chunk in tokens[context_key(tokens)]]
 
-    def pieces(ids: list[int]) -> list[str]:
+    @functools.cache
+    def vocabulary() -> dict[int, str]:  # looked up once: the token search asks piece by piece
         key = context_key(clip.tokenize(""))  # the encoder's SDTokenizer: FluxTokenizer.t5xxl, SD1Tokenizer.clip_l
         tokenizer = getattr(clip, "tokenizer", None)  # a CLIP stand-in may have none: ids then
         side = getattr(tokenizer, key, None) or getattr(tokenizer, f"clip_{key}", None)
-        names = getattr(side, "inv_vocab", {})
-        return [names.get(i, str(i)) for i in ids]
+        return getattr(side, "inv_vocab", {})
+
+    def pieces(ids: list[int]) -> list[str]:
+        return [vocabulary().get(i, str(i)) for i in ids]
 
     tokenize.pieces = pieces
     return tokenize

@@ -258,6 +258,7 @@ class LagSampler(io.ComfyNode):
         if mode not in MODES:
             raise ResidualError(f"mode must be one of {MODES}, got {mode!r}.")
         check_settings(strength, start_percent, end_percent, mask_rule, mask_value, mask_strategy)
+        check_companions(model, family_of(model), clip)
         targets = targets_of(model)
         residual.check_fits(targets)
         meta = residual.meta
@@ -302,9 +303,7 @@ def with_concept(model, concept: LagConcept, clip, prompt: str, targets):
     earlier = model.get_attachment(PATCH_KEY)  # concepts of LAG nodes earlier in the chain
     concepts = [*(earlier.concepts if earlier else []), concept]
     positive = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
-    family = family_of(model)
-    check_companions(model, family, clip)
-    patch = LagPatch(concepts, _sessions(concepts, clip, prompt, positive), family, targets)
+    patch = LagPatch(concepts, _sessions(concepts, clip, prompt, positive), family_of(model), targets)
     m = model.clone()  # the input MODEL keeps its own patch; this clone's replaces it
     m.remove_wrappers_with_key(WrappersMP.DIFFUSION_MODEL, PATCH_KEY)
     m.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, PATCH_KEY, patch.wrapper)

@@ -263,10 +263,11 @@ class TrainPersonalizedResidual(io.ComfyNode):
         prediction = prediction_of(model.model)
         resolution = training_resolution(resolution, model_family(targets), prediction)
         prompt = f"a photo of a {identifier} {class_word}"
-        locate_concept(tokenizer_of(clip), prompt, identifier, class_word)  # both words tokenize and are found
+        tokenize = tokenizer_of(clip)
+        locate_concept(tokenize, prompt, identifier, class_word)  # both words tokenize and are found
         pixels = square_batch(images, resolution)
         subject = square_masks(masks, images, resolution, mask_marks) if masks else None  # [N, size, size]
-        training_prompts = photo_prompts(captions, len(pixels), prompt, tokenizer_of(clip), identifier, class_word)
+        training_prompts = photo_prompts(captions, len(pixels), prompt, tokenize, identifier, class_word)
         captions_given = any(str(c).strip() for c in captions)
         prompts = samples.sample_prompts(sample_prompts or "", identifier, class_word) if sample_steps else []
         warnings = (photo_warnings(images, resolution) + (mask_warnings(masks, mask_marks) if masks else [])

@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from .errors import ResidualError
 from .residual import LowRankResidual, ResidualMeta, ResidualSet
-from .targets import family_of
+from .targets import family_name
 
 # Diffusers numbers a UNet level's blocks apart from its down/upsampler: every SD1.x, SD2.x and SDXL UNet
 # has 2 res blocks per level, so 3 LDM blocks per level (input_blocks.1 = down_blocks.0.attentions.0).
@@ -165,7 +165,7 @@ def _build(keys: list[str], tensor, meta: dict[str, str]) -> ResidualSet:
                                      tensor(f"{k}.alpha")) for k in keys}
     if len({layer.conv for layer in layers.values()}) > 1:
         raise ResidualError("This file mixes conv (4-D) and linear (2-D) layers; no SD UNet has both. It is damaged.")
-    family = family_of(list(layers), {layer.up.shape[0] for layer in layers.values()}, next(iter(layers.values())).conv)
+    family = family_name(list(layers), {layer.up.shape[0] for layer in layers.values()}, next(iter(layers.values())).conv)
     if info.base_family and info.base_family != family:
         raise ResidualError(f"The file's metadata says it is for {info.base_family} but its tensors are shaped for "
                             f"{family}: the file was edited or damaged.")

@@ -58,10 +58,10 @@ def find_targets(unet: nn.Module) -> list[Target]:
 
 def model_family(targets: list[Target]) -> str:
     """A short name for the UNet family the targets come from, written into residual files."""
-    return family_of([t.name for t in targets], {t.out_dim for t in targets}, targets[0].conv)
+    return family_name([t.name for t in targets], {t.out_dim for t in targets}, targets[0].conv)
 
 
-def family_of(paths: list[str], dims: set[int], conv: bool) -> str:
+def family_name(paths: list[str], dims: set[int], conv: bool) -> str:
     """The family name from the residual layers' layout: their paths (how many, SD's proj_out or Flux's blocks),
     their widths, conv or linear."""
     dims, layers = sorted(dims), len(paths)

@@ -9,8 +9,10 @@ followed the caption.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -111,3 +113,26 @@ class WorldModel(nn.Module):
             eps = (1 - a).sqrt() * x + a.sqrt() * v
             x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
         return to_image(x)
+
+
+@dataclass(frozen=True)
+class WorldRun:
+    """What each of the world's benchmarks starts from: its output folder, the shipped base model, and when it
+    started (loading included)."""
+
+    out: Path
+    model: WorldModel
+    started: float
+
+    @property
+    def minutes(self) -> float:
+        return (time.time() - self.started) / 60
+
+
+def start_run(out: str | Path) -> WorldRun:
+    """The output folder made, torch's global seed set (0), the base model loaded."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    started = time.time()
+    return WorldRun(out, WorldModel.load(), started)
