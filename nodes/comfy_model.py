@@ -6,6 +6,7 @@ assumption is pinned by tests/tier2/test_comfy_internals.py, which names it when
 from __future__ import annotations
 
 import functools
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -101,6 +102,26 @@ def context_key(tokens: dict) -> str:
     if "t5xxl" in tokens and "g" not in tokens:
         return "t5xxl"
     return "l" if "l" in tokens else next(iter(tokens))
+
+
+# Each CLIP's last encoded prompt, {what the conditioning depends on: the conditioning}; it goes with the CLIP.
+_LAST_ENCODED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def encode_prompt(clip, prompt: str) -> list:
+    """clip's conditioning of `prompt` (the LAG nodes' positive). A chain of LAG nodes hands one CLIP down and each
+    node encodes the chain's prompt: the text encoders then run once for the chain, not once a node (Flux's T5-XXL
+    is 4.7B parameters, often offloaded to the CPU). The conditioning is shared as ComfyUI shares any output:
+    read, never changed in place. What else it depends on is in the key: the CLIP's patches (a LoRA's text-encoder
+    layers), its tokenizer options (T5TokenizerOptions) and its last layer (CLIPSetLastLayer)."""
+    patcher = getattr(clip, "patcher", None)
+    key = (prompt, getattr(patcher, "patches_uuid", None), repr(sorted(getattr(clip, "tokenizer_options", {}).items())),
+           getattr(clip, "layer_idx", None))
+    positive = _LAST_ENCODED.get(clip, {}).get(key)
+    if positive is None:
+        positive = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+        _LAST_ENCODED[clip] = {key: positive}
+    return positive
 
 
 def check_companions(model, family: Family, clip=None, vae=None) -> None:

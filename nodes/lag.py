@@ -38,6 +38,7 @@ from .comfy_model import (
     call_args_of,
     check_companions,
     cond_entries,
+    encode_prompt,
     family_of,
     merge_cond_passes,
     schedule_position,
@@ -302,7 +303,7 @@ def with_concept(model, concept: LagConcept, clip, prompt: str, targets):
     `prompt`; `prompt` encoded by `clip`: the KSampler's positive)."""
     earlier = model.get_attachment(PATCH_KEY)  # concepts of LAG nodes earlier in the chain
     concepts = [*(earlier.concepts if earlier else []), concept]
-    positive = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+    positive = encode_prompt(clip, prompt)
     patch = LagPatch(concepts, _sessions(concepts, clip, prompt, positive), family_of(model), targets)
     m = model.clone()  # the input MODEL keeps its own patch; this clone's replaces it
     m.remove_wrappers_with_key(WrappersMP.DIFFUSION_MODEL, PATCH_KEY)

@@ -167,8 +167,9 @@ class LagLora(io.ComfyNode):
         masked, unmaskable, text_encoder = split_lora(model, clip, fileformat.read_tensors(path), targets, family)
         apply_everywhere = unmaskable_layers == "apply globally"
         window = sigma_window(model, start_percent, end_percent)
-        logging.info("LAG LoRA %s: %d layers masked, %d UNet and %d text-encoder layers %s.", os.path.basename(lora_name),
-                     len(masked), len(unmaskable), len(text_encoder), "applied everywhere" if apply_everywhere else "skipped")
+        logging.info("LAG LoRA %s: %d layers masked, %d other diffusion-model and %d text-encoder layers %s.",
+                     os.path.basename(lora_name), len(masked), len(unmaskable), len(text_encoder),
+                     "applied everywhere" if apply_everywhere else "skipped")
         if apply_everywhere and window and unmaskable:
             logging.warning("LAG LoRA %s: start/end percent gate the masked layers only; the %d layers applied "
                             "everywhere act at every step.", lora_name, len(unmaskable))

@@ -98,7 +98,8 @@ class _TrainingRun(comfy.samplers.Sampler):
         schedule = base.model_sampling.sigmas.to(latent_image.device, torch.float32)
         autocast = autocast_dtype(latent_image.device)
         self.scaler = loss_scaler(base, autocast)
-        logging.info("Train Personalized Residual: the UNet computes in %s%s; the residual and its optimiser in float32.",
+        logging.info("Train Personalized Residual: the diffusion model computes in %s%s; the residual and its optimiser "
+                     "in float32.",
                      str(autocast or compute_dtype(base)).removeprefix("torch."),
                      ", with loss scaling" if self.scaler is not None else "")
 

@@ -131,6 +131,12 @@ class ComfyClient:
         query = urllib.parse.urlencode({k: image[k] for k in ("filename", "subfolder", "type")})
         return self._request(f"/view?{query}")
 
+    def free(self) -> None:
+        """Ask the server to unload its models and drop its cached node outputs (POST /free); it does so once
+        its queue is idle."""
+        body = json.dumps({"unload_models": True, "free_memory": True}).encode()
+        self._request("/free", body, {"Content-Type": "application/json"})
+
     # ------------------------------------------------------------------ running a graph
 
     def run(self, graph: dict, on_event=None) -> Run:

@@ -48,7 +48,7 @@ def random_tensor(name: str, shape: tuple, generator):
         for d in shape[1:]:
             fan_in *= d
         return (torch.randn(shape, generator=generator) * fan_in**-0.5).half()
-    if name.endswith(".weight"):  # 1-D weights are GroupNorm / LayerNorm scales
+    if name.endswith((".weight", ".scale")):  # 1-D weights are norm scales (GroupNorm, LayerNorm, RMSNorm)
         return torch.ones(shape, dtype=torch.float16)
     return torch.zeros(shape, dtype=torch.float16)
 

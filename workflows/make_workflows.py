@@ -32,6 +32,7 @@ OUTPUTS = {
     "PersonalizedResidualLAGMaskPreview": [("mask_preview", "IMAGE")],
     "LoraLoaderModelOnly": [("MODEL", "MODEL")],
     "CLIPTextEncode": [("CONDITIONING", "CONDITIONING")],
+    "ConditioningZeroOut": [("CONDITIONING", "CONDITIONING")],
     "EmptyLatentImage": [("LATENT", "LATENT")],
     "KSampler": [("LATENT", "LATENT")],
     "VAEDecode": [("IMAGE", "IMAGE")],
@@ -48,7 +49,7 @@ SIZES = {
     "LoadImageSetFromFolderNode": (320, 90), "PersonalizedResidualTrain": (320, 640),
     "PersonalizedResidualSave": (360, 80), "PersonalizedResidualLoad": (320, 110), "PersonalizedResidualLAGSampler": (400, 300),
     "PersonalizedResidualLAGLoRA": (400, 440), "PersonalizedResidualLAGMaskPreview": (300, 320),
-    "LoraLoaderModelOnly": (320, 90), "CLIPTextEncode": (400, 150),
+    "LoraLoaderModelOnly": (320, 90), "CLIPTextEncode": (400, 150), "ConditioningZeroOut": (240, 30),
     "EmptyLatentImage": (320, 110), "KSampler": (300, 270), "VAEDecode": (200, 50), "SaveImage": (300, 320),
     "PreviewImage": (420, 280),
     "LoadImage": (320, 330), "ImageBatch": (220, 50), "MaskToImage": (220, 30), "ImageToMask": (220, 60),
@@ -96,8 +97,9 @@ def sampling(first_id, x, y, model, positive, clip, vae, mask_preview=True, cfg=
     the node at (x, y) that gives the positive prompt."""
     i = first_id
     nodes = [
-        Node(i, "CLIPTextEncode", (x, y + 340), {"clip": clip}, {"text": "blurry, low quality" if cfg > 1 else ""},
-             title="negative"),
+        Node(i, "CLIPTextEncode", (x, y + 340), {"clip": clip}, {"text": "blurry, low quality"}, title="negative")
+        if cfg > 1 else  # cfg 1 (guidance-distilled Flux.1) never runs the negative: no T5-XXL pass for it
+        Node(i, "ConditioningZeroOut", (x, y + 340), {"conditioning": positive}, title="negative (unused at cfg 1)"),
         Node(i + 1, "EmptyLatentImage", (x + 440, y + 340), widgets={"width": size, "height": size, "batch_size": 1}),
         Node(i + 2, "KSampler", (x + 440, y), {"model": model, "positive": positive, "negative": (i, 0),
                                                "latent_image": (i + 1, 0)},

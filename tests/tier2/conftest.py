@@ -78,6 +78,20 @@ def comfy_server(tmp_path_factory):
     server.stop()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def flux_files_writer(request, tmp_path_factory):
+    """Flux's files for test_server_flux.py, written in the background from tier 2's first test on (None when
+    none of its tests runs)."""
+    if not any(item.path.name == "test_server_flux.py" for item in request.session.items):
+        yield None
+        return
+    from flux_files import BackgroundWriter
+
+    writer = BackgroundWriter(tmp_path_factory.mktemp("flux_files") / "writer.log")
+    yield writer
+    writer.stop()
+
+
 @pytest.fixture(scope="session")
 def client(comfy_server):
     from comfy_server import api_client

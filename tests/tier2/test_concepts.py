@@ -51,6 +51,20 @@ def test_a_chain_applies_each_concept_inside_its_own_mask_in_one_pass(sd15, clip
     assert weights_hash(sd15) == before
 
 
+def test_a_chain_runs_the_text_encoder_once_and_again_only_when_the_prompt_or_clip_changes(sd15, clip, monkeypatch):
+    clip = clip.clone()  # a CLIP no earlier test encoded with
+    encode, calls = clip.encode_from_tokens_scheduled, []
+    monkeypatch.setattr(clip, "encode_from_tokens_scheduled", lambda tokens, **kw: calls.append(1) or encode(tokens, **kw))
+    _, positive = _chain(sd15, clip, [PROMPT, PROMPT])
+    assert len(calls) == 1, "two LAG nodes on one CLIP and prompt: one encoding"
+    assert torch.equal(positive[0][0], encode(clip.tokenize(PROMPT))[0][0])
+    _chain(sd15, clip, ["a sks dog", PROMPT])
+    assert len(calls) == 3, "another prompt is encoded"
+    clip.clip_layer(-2)  # what CLIPSetLastLayer does to its clone
+    _, penultimate = _chain(sd15, clip, [PROMPT, PROMPT])
+    assert len(calls) == 4 and not torch.equal(penultimate[0][0], positive[0][0])
+
+
 def test_a_chain_whose_last_prompt_lacks_a_concept_says_which(sd15, clip):
     with pytest.raises(ResidualError, match="Concept 'sks dog' of this LAG chain.*must name every concept"):
         _chain(sd15, clip, ["a sks dog", "a photo of a zwx cat"])

@@ -213,23 +213,11 @@ def test_train_personalized_residual_on_flux_and_sample_it_with_lag(dit, flux_cl
 
 
 def flux_lora(path, dit, select, scale=0.3):
-    """A random rank-2 kohya-named Flux LoRA (lora_unet_double_blocks_0_img_attn_proj, ...) on every layer of the
-    DiT whose path `select`s; each layer's factors depend on its name only."""
-    import zlib
+    """A random rank-2 kohya-named Flux LoRA on every layer of the DiT whose path `select`s (flux_files.py)."""
+    from flux_files import write_flux_lora
 
-    import safetensors.torch
-
-    sd = {}
-    for key, w in dit.model.diffusion_model.state_dict().items():
-        path_ = key[:-len(".weight")]
-        if not key.endswith(".weight") or w.ndim != 2 or not select(path_):
-            continue
-        g = torch.Generator().manual_seed(zlib.crc32(key.encode()))
-        name = "lora_unet_" + path_.replace(".", "_")
-        sd[f"{name}.lora_up.weight"] = torch.randn(w.shape[0], 2, generator=g) * scale
-        sd[f"{name}.lora_down.weight"] = torch.randn(2, w.shape[1], generator=g) * scale
-        sd[f"{name}.alpha"] = torch.tensor(2.0)
-    safetensors.torch.save_file(sd, str(path))
+    shapes = {k: tuple(w.shape) for k, w in dit.model.diffusion_model.state_dict().items()}
+    write_flux_lora(path, shapes, select, scale=scale)
     return path.name
 
 

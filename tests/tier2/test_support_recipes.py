@@ -3,8 +3,8 @@
 The server tests' SD1.5 checkpoint is cached across sessions, so its recipe used to run only where there was
 no cache (issue 10: an import renamed elsewhere broke every server test on a fresh machine, green where the
 file was cached). Here every support module imports, every import inside its functions (which runs only when
-the function does) resolves, and the recipe is built on the meta device (no memory, seconds) and checked
-against SD1.5's own tensors."""
+the function does) resolves, and the recipes are built on the meta device (no memory, seconds) and checked
+against SD1.5's own tensors and against what ComfyUI's loaders detect from Flux's files."""
 
 import ast
 import importlib
@@ -79,3 +79,39 @@ def test_the_cached_checkpoints_recipe_is_sd15_as_comfyui_detects_it():
     meta = {name: torch.empty(shape, device="meta") for name, shape in shapes.items()}
     detected = comfy.model_detection.model_config_from_unet(meta, "model.diffusion_model.")
     assert type(detected) is comfy.supported_models.SD15  # what CheckpointLoaderSimple will load it as
+
+
+def test_the_flux_files_recipes_are_what_the_stock_loaders_detect():
+    import comfy.model_detection
+    import comfy.sd
+    import comfy.supported_models
+    import torch
+    from flux_files import DEPTH, SINGLE, clip_l_shapes, flux_shapes, t5xxl_shapes, vae_shapes
+
+    def meta(shapes):
+        return {name: torch.empty(shape, device="meta") for name, shape in shapes.items()}
+
+    dit = flux_shapes()
+    assert dit["double_blocks.0.img_attn.proj.weight"] == (3072, 3072) and dit["txt_in.weight"] == (3072, 4096)
+    config = comfy.model_detection.detect_unet_config(meta(dit), "")
+    assert (config["depth"], config["depth_single_blocks"], config["guidance_embed"]) == (DEPTH, SINGLE, True)
+    assert type(comfy.model_detection.model_config_from_unet(meta(dit), "")) is comfy.supported_models.Flux
+    assert comfy.sd.detect_te_model(meta(t5xxl_shapes())) == comfy.sd.TEModel.T5_XXL
+    assert comfy.sd.detect_te_model(meta(clip_l_shapes())) == comfy.sd.TEModel.CLIP_L
+    vae = vae_shapes()
+    # Load VAE reads the latent channels from decoder.conv_in; without quant convs it builds Flux's AutoencodingEngine
+    assert vae["decoder.conv_in.weight"][1] == 16 and "post_quant_conv.weight" not in vae
+
+
+def test_a_streamed_file_reads_back_as_written(tmp_path):
+    import torch
+    from flux_files import write_streamed
+    from safetensors.torch import load_file
+
+    tensors = {"b": torch.randn(3, 5), "a": torch.tensor(2.0), "c": torch.randn(7)}
+    for dtype in (torch.float32, torch.bfloat16, torch.float8_e4m3fn):
+        write_streamed(tmp_path / "f.safetensors", {k: tuple(v.shape) for k, v in tensors.items()}, dtype,
+                       lambda name, shape: tensors[name])
+        back = load_file(str(tmp_path / "f.safetensors"))
+        assert back.keys() == tensors.keys()
+        assert all(torch.equal(back[k], v.to(dtype)) for k, v in tensors.items()), dtype
