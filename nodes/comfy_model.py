@@ -104,24 +104,27 @@ def context_key(tokens: dict) -> str:
     return "l" if "l" in tokens else next(iter(tokens))
 
 
-# Each CLIP's last encoded prompt, {what the conditioning depends on: the conditioning}; it goes with the CLIP.
-_LAST_ENCODED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Each CLIP's last few encodings, {what the conditioning depends on: the conditioning}; they go with the CLIP.
+_ENCODED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+ENCODINGS_KEPT = 4  # a chain's prompt, the negative, a sample grid's prompts
 
 
 def encode_prompt(clip, prompt: str) -> list:
-    """clip's conditioning of `prompt` (the LAG nodes' positive). A chain of LAG nodes hands one CLIP down and each
-    node encodes the chain's prompt: the text encoders then run once for the chain, not once a node (Flux's T5-XXL
-    is 4.7B parameters, often offloaded to the CPU). The conditioning is shared as ComfyUI shares any output:
-    read, never changed in place. What else it depends on is in the key: the CLIP's patches (a LoRA's text-encoder
-    layers), its tokenizer options (T5TokenizerOptions) and its last layer (CLIPSetLastLayer)."""
+    """clip's conditioning of `prompt`, made once: a chain of LAG nodes hands one CLIP down and each node encodes the
+    chain's prompt, the Train node's sample grid renders its training prompt: the text encoders run once for them,
+    not once a node or a column (Flux's T5-XXL is 4.7B parameters, often offloaded to the CPU). The conditioning
+    is shared as ComfyUI shares any output: read, never changed in place. What else it depends on is in the key:
+    the CLIP's patches (a LoRA's text-encoder layers), its tokenizer options (T5TokenizerOptions) and its last
+    layer (CLIPSetLastLayer)."""
     patcher = getattr(clip, "patcher", None)
     key = (prompt, getattr(patcher, "patches_uuid", None), repr(sorted(getattr(clip, "tokenizer_options", {}).items())),
            getattr(clip, "layer_idx", None))
-    positive = _LAST_ENCODED.get(clip, {}).get(key)
-    if positive is None:
-        positive = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
-        _LAST_ENCODED[clip] = {key: positive}
-    return positive
+    kept = _ENCODED.setdefault(clip, {})
+    if key not in kept:
+        kept[key] = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+        while len(kept) > ENCODINGS_KEPT:
+            del kept[next(iter(kept))]  # the oldest
+    return kept[key]
 
 
 def check_companions(model, family: Family, clip=None, vae=None) -> None:

@@ -8,7 +8,7 @@ import comfy.sample
 import torch
 
 from ..residual_core import FLUX, ResidualError, ResidualSet, locate_concept
-from .comfy_model import family_of, tokenizer_of
+from .comfy_model import encode_prompt, family_of, tokenizer_of
 from .lag import LagConcept, with_concept
 from .pictures import sample_grid
 
@@ -54,7 +54,7 @@ def render(model, clip, vae, residual: ResidualSet, targets, prompts: list[str],
     """The grid as an IMAGE [1, H, W, 3]: a row per prompt; columns base, the residual at each snapshot's step and at
     step `done` (its factors now). The residual is left with its factors as they are now."""
     meta = residual.meta
-    negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    negative = None if family_of(model) is FLUX else encode_prompt(clip, "")  # cfg 1 (_sample) never runs one
     latent = {"samples": torch.zeros(1, 4, size // 8, size // 8)}
     final = [p.detach().clone() for p in residual.parameters()]
     columns = [*(s for s in snapshots if s[0] < done), (done, final)]  # a Cancel may stop right at a snapshot
@@ -66,8 +66,9 @@ def render(model, clip, vae, residual: ResidualSet, targets, prompts: list[str],
                 rule = ("max_fraction", 0.5)  # LAG Sampler's defaults
             except ResidualError:
                 rule = None  # global, as warned
-            positive = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
-            row = [_sample(model, vae, positive, negative, latent, steps, seed)]
+            positive = encode_prompt(clip, prompt)  # with_concept's below find it made
+            against = positive if negative is None else negative
+            row = [_sample(model, vae, positive, against, latent, steps, seed)]
             for _, factors in columns:
                 with torch.inference_mode(False), torch.no_grad():
                     for p, f in zip(residual.parameters(), factors, strict=True):
@@ -75,7 +76,7 @@ def render(model, clip, vae, residual: ResidualSet, targets, prompts: list[str],
                 residual.forget_casts()
                 concept = LagConcept(residual, meta.identifier, meta.class_word, 1.0, rule, None)
                 patched, positive_lag = with_concept(model, concept, clip, prompt, targets)
-                row.append(_sample(patched, vae, positive_lag, negative, latent, steps, seed))
+                row.append(_sample(patched, vae, positive_lag, against, latent, steps, seed))
             rows.append(row)
     finally:
         with torch.inference_mode(False), torch.no_grad():

@@ -36,7 +36,7 @@ from ..residual_core import (
 )
 from . import samples
 from .advice import in_ui_words
-from .comfy_model import base_hash, check_companions, family_of, prediction_of, tokenizer_of, unet_of
+from .comfy_model import base_hash, check_companions, encode_prompt, family_of, prediction_of, tokenizer_of, unet_of
 from .pictures import loss_curve, loss_curve_picture
 from .precision import autocast_dtype, compute_dtype, loss_scaler, training_attention
 from .residual_type import CATEGORY, Residual
@@ -292,7 +292,7 @@ class TrainPersonalizedResidual(io.ComfyNode):
         # Fixed for the whole run, so encoded once: the photos (and their mirror images) and each distinct prompt.
         latents = vae.encode(pixels)
         flipped = vae.encode(pixels.flip(2)) if flip else None
-        positives = [clip.encode_from_tokens_scheduled(clip.tokenize(text)) for text in training_prompts.texts]
+        positives = [encode_prompt(clip, text) for text in training_prompts.texts]
         if not all(bool(torch.isfinite(t).all()) for t in (latents, *(p[0][0] for p in positives),
                                                             *([flipped] if flip else []))):
             raise ResidualError("The VAE or the text encoder returned NaN or inf for the photos or the prompt. A VAE "

@@ -28,6 +28,14 @@ def run(node, *args, **kwargs):
         return node.execute(*args, **kwargs).result
 
 
+def counted_encodes(clip, monkeypatch):
+    """A clone of `clip` that nothing encoded with yet, and the list its text-encoder runs are counted in."""
+    clip = clip.clone()
+    encode, calls = clip.encode_from_tokens_scheduled, []
+    monkeypatch.setattr(clip, "encode_from_tokens_scheduled", lambda tokens, **kw: calls.append(1) or encode(tokens, **kw))
+    return clip, calls
+
+
 def weights_hash(model) -> str:
     """sha256 over every tensor of a ModelPatcher's model, names included: equal means bit-identical."""
     import hashlib

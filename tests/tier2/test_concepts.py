@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from comfy_env import concept_residual, ksample, run, spy_sampling, weights_hash
+from comfy_env import concept_residual, counted_encodes, ksample, run, spy_sampling, weights_hash
 from personalized_residuals.nodes.lag import PATCH_KEY, LagMaskPreview, LagSampler
 from personalized_residuals.residual_core import ResidualError, lag
 
@@ -52,17 +52,22 @@ def test_a_chain_applies_each_concept_inside_its_own_mask_in_one_pass(sd15, clip
 
 
 def test_a_chain_runs_the_text_encoder_once_and_again_only_when_the_prompt_or_clip_changes(sd15, clip, monkeypatch):
-    clip = clip.clone()  # a CLIP no earlier test encoded with
-    encode, calls = clip.encode_from_tokens_scheduled, []
-    monkeypatch.setattr(clip, "encode_from_tokens_scheduled", lambda tokens, **kw: calls.append(1) or encode(tokens, **kw))
-    _, positive = _chain(sd15, clip, [PROMPT, PROMPT])
+    counting, calls = counted_encodes(clip, monkeypatch)
+    _, positive = _chain(sd15, counting, [PROMPT, PROMPT])
     assert len(calls) == 1, "two LAG nodes on one CLIP and prompt: one encoding"
-    assert torch.equal(positive[0][0], encode(clip.tokenize(PROMPT))[0][0])
-    _chain(sd15, clip, ["a sks dog", PROMPT])
-    assert len(calls) == 3, "another prompt is encoded"
-    clip.clip_layer(-2)  # what CLIPSetLastLayer does to its clone
-    _, penultimate = _chain(sd15, clip, [PROMPT, PROMPT])
-    assert len(calls) == 4 and not torch.equal(penultimate[0][0], positive[0][0])
+    assert torch.equal(positive[0][0], clip.encode_from_tokens_scheduled(clip.tokenize(PROMPT))[0][0])
+    _chain(sd15, counting, ["a sks dog", PROMPT])
+    assert len(calls) == 2, "another prompt is encoded; the chain's was kept"
+    counting.clip_layer(-2)  # what CLIPSetLastLayer does to its clone
+    _, penultimate = _chain(sd15, counting, [PROMPT, PROMPT])
+    assert len(calls) == 3 and not torch.equal(penultimate[0][0], positive[0][0])
+    counting.set_tokenizer_option("clip_l_min_padding", 0)  # what T5TokenizerOptions does to its clone
+    _chain(sd15, counting, [PROMPT, PROMPT])
+    assert len(calls) == 4
+    name, weight = next(iter(counting.patcher.model_state_dict().items()))
+    counting.add_patches({name: (torch.zeros_like(weight),)})  # what a LoRA loader does to its clone
+    _chain(sd15, counting, [PROMPT, PROMPT])
+    assert len(calls) == 5
 
 
 def test_a_chain_whose_last_prompt_lacks_a_concept_says_which(sd15, clip):

@@ -7,7 +7,7 @@ import time
 import comfy.model_management
 import pytest
 import torch
-from comfy_env import train, weights_hash
+from comfy_env import counted_encodes, train, weights_hash
 from personalized_residuals.nodes import samples
 from personalized_residuals.residual_core import ResidualError
 
@@ -48,6 +48,15 @@ def test_the_samples_grid_has_a_row_per_prompt_and_a_column_per_sampled_step(sd1
     with pytest.raises(ResidualError, match="sample_every 1 gives 17 sample columns for 17 steps; at most 16: set "
                                             "sample_every to at least 2"):
         train(sd15, clip, vae, IMAGES, steps=17, sample_every=1, sample_steps=4)
+
+
+def test_the_text_encoder_runs_once_a_prompt_whatever_the_grids_columns(sd15, clip, vae, monkeypatch):
+    counting, calls = counted_encodes(clip, monkeypatch)
+    train(sd15, counting, vae, IMAGES, steps=4, sample_prompts=PROMPTS, sample_every=2, sample_steps=1)  # 3 columns
+    assert len(calls) == 1 + 1 + len(PROMPTS.splitlines()), "training's prompt, the negative, each sample prompt"
+    counting, calls = counted_encodes(clip, monkeypatch)
+    train(sd15, counting, vae, IMAGES, steps=4, sample_steps=1)
+    assert len(calls) == 1 + 1, "training's prompt, the negative: the default sample prompt is training's"
 
 
 def test_default_samples_render_the_training_prompt_only_at_the_end(sd15, clip, vae, monkeypatch):

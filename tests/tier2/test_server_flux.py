@@ -51,9 +51,8 @@ def picture(client, ref) -> np.ndarray:
 
 def flux_training_graph() -> dict:
     """train_and_sample with Flux.1's three loaders in place of the checkpoint, cfg 1 and a zeroed negative, and
-    T5 unpadded (T5TokenizerOptions, as Chroma's workflows set it); no sample grid (the SD tests run it: here it
-    would cost two more T5-XXL passes)."""
-    graph = api_workflow("train_and_sample", PersonalizedResidualTrain={"sample_steps": 0})
+    T5 unpadded (T5TokenizerOptions, as Chroma's workflows set it)."""
+    graph = api_workflow("train_and_sample")
     loaders = {n["class_type"]: n for n in flux_graph("flux_lag_lora").values()}
     del graph["1"]  # the checkpoint: its MODEL, CLIP and VAE outputs come from these now
     graph |= {"21": loaders["UNETLoader"], "22": loaders["DualCLIPLoader"], "23": loaders["VAELoader"],
@@ -61,6 +60,8 @@ def flux_training_graph() -> dict:
     outputs = {0: ["21", 0], 1: ["24", 0], 2: ["23", 0]}
     for node in graph.values():
         node["inputs"] |= {k: outputs[v[1]] for k, v in node["inputs"].items() if v in (["1", 0], ["1", 1], ["1", 2])}
+    lag = api_client().node_of(graph, "PersonalizedResidualLAGSampler")
+    graph[lag]["inputs"]["prompt"] = "a photo of a sks dog"  # training's, and the sample grid's: one T5-XXL pass
     negative, ksampler = (api_client().node_of(graph, kind) for kind in ("CLIPTextEncode", "KSampler"))
     graph[negative] = {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": graph[ksampler]["inputs"]["positive"]}}
     graph[ksampler]["inputs"] |= {"cfg": 1.0, "scheduler": "simple"}
@@ -105,6 +106,7 @@ def test_train_on_flux_save_and_sample_with_lag(flux_models, client, comfy_serve
     train = node_of(graph, "PersonalizedResidualTrain")
     assert [(e["data"]["value"], e["data"]["max"]) for e in run.events
             if e["type"] == "progress" and e["data"]["node"] == train] == [(1, 2), (2, 2)]
+    assert len(run.images(node_of(graph, "PreviewImage", "samples"))) == 1
     saved = run.outputs[node_of(graph, "PersonalizedResidualSave")]["residual_name"][0]
     residual = fileformat.load(str(comfy_server.loras / saved))
     assert residual.meta.base_family == f"custom-flux-{DEPTH}+{SINGLE}x3072"
