@@ -5,7 +5,7 @@ detects Flux.1 at 3072 wide (only the number of blocks is read from the file: on
 here, 545M parameters), DualCLIPLoader of type flux builds the full CLIP-L and the full T5-XXL (4.7B
 parameters), Load VAE Flux's 16-channel VAE. Names and shapes come from ComfyUI's own classes on the meta
 device; values follow sd15_checkpoint.py's recipe. T5-XXL is stored as fp8 e4m3fn, as the widely used
-t5xxl_fp8_e4m3fn.safetensors is (4.7 GB; ComfyUI computes it in float32 either way), the transformer as bf16,
+t5xxl_fp8_e4m3fn.safetensors is (4.8 GB; ComfyUI computes it in float32 either way), the transformer as bf16,
 as flux1-dev is. Files are written a tensor at a time, so writing one never holds it whole in memory, and
 cached beside the SD1.5 checkpoint (sd15_checkpoint.cache_dir(); CI starts that folder empty).
 """
@@ -128,15 +128,14 @@ def write_flux_lora(path: Path, shapes: dict, select, rank: int = 2, scale: floa
 
 
 def flux_files() -> dict:
-    """{loader input name: cached file} of the three files a Flux workflow loads (DualCLIPLoader's clip_name2 is
-    an fp8 T5-XXL)."""
+    """{loader input name: cached file} of the four files a Flux workflow's three loaders read (DualCLIPLoader's
+    clip_name2 is an fp8 T5-XXL)."""
     import torch
 
     return {"unet_name": random_file("flux1-dev-1+1-blocks", flux_shapes(), torch.bfloat16, seed=0),
             "clip_name1": random_file("clip_l", clip_l_shapes(), torch.float16, seed=1),
             "clip_name2": random_file("t5xxl_fp8_e4m3fn", t5xxl_shapes(), torch.float8_e4m3fn, seed=2),
             "vae_name": random_file("flux-ae", vae_shapes(), torch.float16, seed=3)}
-
 
 
 class BackgroundWriter:
