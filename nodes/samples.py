@@ -54,7 +54,8 @@ def render(model, clip, vae, residual: ResidualSet, targets, prompts: list[str],
     """The grid as an IMAGE [1, H, W, 3]: a row per prompt; columns base, the residual at each snapshot's step and at
     step `done` (its factors now). The residual is left with its factors as they are now."""
     meta = residual.meta
-    negative = None if family_of(model) is FLUX else encode_prompt(clip, "")  # cfg 1 (_sample) never runs one
+    cfg = 1.0 if family_of(model) is FLUX else CFG  # Flux.1 is guidance-distilled: no CFG
+    negative = None if cfg == 1.0 else encode_prompt(clip, "")  # cfg 1 never evaluates a negative
     latent = {"samples": torch.zeros(1, 4, size // 8, size // 8)}
     final = [p.detach().clone() for p in residual.parameters()]
     columns = [*(s for s in snapshots if s[0] < done), (done, final)]  # a Cancel may stop right at a snapshot
@@ -68,7 +69,7 @@ def render(model, clip, vae, residual: ResidualSet, targets, prompts: list[str],
                 rule = None  # global, as warned
             positive = encode_prompt(clip, prompt)  # with_concept's below find it made
             against = positive if negative is None else negative
-            row = [_sample(model, vae, positive, against, latent, steps, seed)]
+            row = [_sample(model, vae, positive, against, latent, steps, cfg, seed)]
             for _, factors in columns:
                 with torch.inference_mode(False), torch.no_grad():
                     for p, f in zip(residual.parameters(), factors, strict=True):
@@ -76,7 +77,7 @@ def render(model, clip, vae, residual: ResidualSet, targets, prompts: list[str],
                 residual.forget_casts()
                 concept = LagConcept(residual, meta.identifier, meta.class_word, 1.0, rule, None)
                 patched, positive_lag = with_concept(model, concept, clip, prompt, targets)
-                row.append(_sample(patched, vae, positive_lag, against, latent, steps, seed))
+                row.append(_sample(patched, vae, positive_lag, against, latent, steps, cfg, seed))
             rows.append(row)
     finally:
         with torch.inference_mode(False), torch.no_grad():
@@ -87,12 +88,11 @@ def render(model, clip, vae, residual: ResidualSet, targets, prompts: list[str],
     return sample_grid(rows, prompts, labels)
 
 
-def _sample(model, vae, positive, negative, latent, steps, seed) -> torch.Tensor:
+def _sample(model, vae, positive, negative, latent, steps, cfg, seed) -> torch.Tensor:
     """KSampler's sampling (common_ksampler) without its progress bar, which would restart the training node's bar
     for every sample; Cancel is still checked at every step."""
     latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
     noise = comfy.sample.prepare_noise(latent_image, seed)
-    cfg = 1.0 if family_of(model) is FLUX else CFG  # Flux.1 is guidance-distilled: no CFG
     out = comfy.sample.sample(model, noise, steps, cfg, SAMPLER, SCHEDULER, positive, negative, latent_image,
                               callback=_check_cancel, disable_pbar=True, seed=seed)
     return vae.decode(out)[0].float().cpu().clamp(0, 1)  # [H, W, 3]

@@ -106,6 +106,24 @@ def write_cut_outs(folder: Path, names: list[str], size: int = 64) -> None:
         image.save(folder / name)
 
 
+# ---------------------------------------------------------------- reading a run's results
+
+def picture(client, ref):
+    """An image that /history lists, as the RGB array [H, W, 3] /view serves."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(client.download(ref))).convert("RGB"))
+
+
+def steps_reported(run, node_id) -> list[tuple[int, int]]:
+    """(step, of) of each progress event the node sent over /ws."""
+    return [(e["data"]["value"], e["data"]["max"]) for e in run.events
+            if e["type"] == "progress" and e["data"]["node"] == node_id]
+
+
 # ---------------------------------------------------------------- reading /object_info as the frontend does
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}

@@ -3,16 +3,14 @@ to /prompt, followed on the /ws websocket, read back from /history and /view (co
 a random full-size SD1.5 checkpoint, 64 px photos, two steps). Bad inputs come back as node errors that
 name the input and the fix, and the server goes on serving."""
 
-import io
 import itertools
 import math
 import re
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-from comfy_server import ROOT, api_client, api_workflow, workflow_checkpoint, write_photos
+from comfy_server import ROOT, api_client, api_workflow, picture, steps_reported, workflow_checkpoint, write_photos
 from personalized_residuals.residual_core import ResidualMeta, ResidualSet, fileformat, find_targets
 from PIL import Image
 
@@ -22,16 +20,6 @@ SD15_PARAMETERS = 1_239_040  # ranks 16/32/64 on SD1.5's 16 proj_out (README)
 
 def node_of(graph, class_type, title=None):
     return api_client().node_of(graph, class_type, title)
-
-
-def picture(client, ref) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(client.download(ref))).convert("RGB"))
-
-
-def steps_reported(run, node_id):
-    """(step, of) of each progress event the node sent over /ws."""
-    return [(e["data"]["value"], e["data"]["max"]) for e in run.events
-            if e["type"] == "progress" and e["data"]["node"] == node_id]
 
 
 def assert_succeeded(run):

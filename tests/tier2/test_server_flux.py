@@ -3,15 +3,12 @@ Flux.1 at its full width with one double and one single block, the full CLIP-L a
 read by the stock loaders the workflows name; the LoRAs they name are random kohya-named Flux LoRAs. 64 px, two
 steps. Slow on two CPU cores (T5-XXL is 4.7B parameters, run once per prompt), so every run here counts."""
 
-import io
 import re
 
-import numpy as np
 import pytest
-from comfy_server import MODEL_FOLDERS, api_client, api_workflow
-from flux_files import DEPTH, SINGLE
+from comfy_server import MODEL_FOLDERS, api_client, api_workflow, picture, steps_reported
+from flux_files import DEPTH, SINGLE, flux_shapes, write_flux_lora
 from personalized_residuals.residual_core import fileformat
-from PIL import Image
 
 pytestmark = pytest.mark.server
 T5_FP8 = "t5xxl_fp8_e4m3fn.safetensors"  # what the workflows' t5xxl_fp16 becomes here: half the memory
@@ -27,9 +24,7 @@ def flux_graph(name: str) -> dict:
 @pytest.fixture(scope="module")
 def flux_models(comfy_server, client, flux_files_writer):
     """The server's models folder with the Flux files in place of the placeholders, and the SD models unloaded."""
-    from flux_files import flux_shapes, write_flux_lora
-
-    files = flux_files_writer.files()
+    files, shapes = flux_files_writer.files(), flux_shapes()
     models = comfy_server.base / "models"
     for graph in (flux_graph("flux_lag_lora"), flux_graph("flux_two_loras")):
         for node in graph.values():
@@ -39,14 +34,10 @@ def flux_models(comfy_server, client, flux_files_writer):
                     target.unlink(missing_ok=True)
                     target.symlink_to(files[key])
                 elif key == "lora_name":  # a user's Flux LoRA on both kinds of layer
-                    write_flux_lora(models / MODEL_FOLDERS[key] / value, flux_shapes(),
+                    write_flux_lora(models / MODEL_FOLDERS[key] / value, shapes,
                                     lambda layer: layer.endswith(MASKED + UNMASKABLE))
     client.free()  # the SD tests' checkpoint: Flux needs the memory
     return models
-
-
-def picture(client, ref) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(client.download(ref))).convert("RGB"))
 
 
 def flux_training_graph() -> dict:
@@ -74,9 +65,7 @@ def run_flux(client, comfy_server, graph):
     assert run.error is None, f"{run.error}\n{comfy_server.log_tail()}"
     assert run.history["status"]["status_str"] == "success"
     node_of = api_client().node_of
-    steps = [(e["data"]["value"], e["data"]["max"]) for e in run.events
-             if e["type"] == "progress" and e["data"]["node"] == node_of(graph, "KSampler")]
-    assert steps == [(1, 2), (2, 2)]
+    assert steps_reported(run, node_of(graph, "KSampler")) == [(1, 2), (2, 2)]
     [render] = run.images(node_of(graph, "SaveImage"))
     [preview] = run.images(node_of(graph, "PersonalizedResidualLAGMaskPreview"))
     image, tinted = picture(client, render), picture(client, preview)
@@ -103,9 +92,7 @@ def test_train_on_flux_save_and_sample_with_lag(flux_models, client, comfy_serve
     graph = flux_training_graph()
     run = run_flux(client, comfy_server, graph)
     node_of = api_client().node_of
-    train = node_of(graph, "PersonalizedResidualTrain")
-    assert [(e["data"]["value"], e["data"]["max"]) for e in run.events
-            if e["type"] == "progress" and e["data"]["node"] == train] == [(1, 2), (2, 2)]
+    assert steps_reported(run, node_of(graph, "PersonalizedResidualTrain")) == [(1, 2), (2, 2)]
     assert len(run.images(node_of(graph, "PreviewImage", "samples"))) == 1
     saved = run.outputs[node_of(graph, "PersonalizedResidualSave")]["residual_name"][0]
     residual = fileformat.load(str(comfy_server.loras / saved))
